@@ -1,0 +1,203 @@
+"""The Python API: plan an average (files and weights), then run it into a file or memory.
+
+>>> import streamavg
+>>> result = streamavg.average(["ckpts/"], scheme="linear", last=10)  # doctest: +SKIP
+>>> result.output, result.weights[-1]  # doctest: +SKIP
+(PosixPath('ckpts/averaged/model_499.avg-linear-n10.keras'), 0.1818...)
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Iterable, Sequence
+from contextlib import ExitStack
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ._version import __version__
+from .engine import fold, model_tensors, open_all
+from .errors import UsageError
+from .formats import SUFFIXES, Checkpoint, Tensor
+from .output import atomic_output, check_output, default_output, h5_like, pack_keras
+from .schemes import scheme_weights
+from .select import select_checkpoints
+
+OPTIMIZER_POLICIES = ("drop", "newest")
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What to average: checkpoints oldest first, their normalised weights, and how."""
+
+    files: tuple[Path, ...]
+    weights: tuple[float, ...]
+    scheme: str
+    alpha: float | None = None
+    by_mtime: bool = False
+
+
+@dataclass(frozen=True)
+class Result:
+    """What was written (None when averaged in memory or loaded into a model), from what."""
+
+    output: Path | None
+    files: tuple[Path, ...]
+    weights: tuple[float, ...]
+
+
+def plan(
+    paths: Iterable[str | os.PathLike],
+    *,
+    scheme: str = "equal",
+    alpha: float = 2.0,
+    weights: Sequence[float] | None = None,
+    pattern: str | None = None,
+    last: int | None = None,
+    epochs: str | None = None,
+) -> Plan:
+    """Select and order checkpoints, then weigh them; reads no file contents."""
+    scheme_weights(scheme, 1, alpha=alpha)  # reject a bad scheme or alpha before touching files
+    sel = select_checkpoints(paths, pattern=pattern, last=last, epochs=epochs)
+    w = scheme_weights(scheme, len(sel.paths), alpha=alpha, weights=weights)
+    name = "weights" if weights is not None else scheme
+    return Plan(sel.paths, tuple(w.tolist()), name, alpha if name == "exp" else None, sel.by_mtime)
+
+
+def run(
+    p: Plan,
+    output: str | os.PathLike | None = None,
+    *,
+    optimizer: str = "drop",
+    overwrite: bool = False,
+    allow_nonfinite: bool = False,
+    progress: bool = False,
+) -> Result:
+    """Average the plan's checkpoints into `output`, a file in their own format."""
+    if optimizer not in OPTIMIZER_POLICIES:
+        raise UsageError(f"--optimizer must be one of {', '.join(OPTIMIZER_POLICIES)}")
+    with ExitStack() as stack:
+        checkpoints = open_all(p.files, stack)
+        newest = checkpoints[-1]
+        dest = (
+            Path(output) if output is not None else default_output(newest, p.scheme, len(p.files))
+        )
+        check_output(dest, p.files, overwrite)
+        averaged = [t for t in model_tensors(newest).values() if t.averaged]
+        provenance = {
+            "streamavg": __version__,
+            "scheme": p.scheme,
+            **({"alpha": p.alpha} if p.alpha is not None else {}),
+            "optimizer": optimizer,
+            "files": [f.name for f in p.files],
+            "weights": list(p.weights),
+        }
+        tmp = stack.enter_context(atomic_output(dest, overwrite))
+        h5_path = tmp
+        if newest.format == "keras":
+            h5_path = Path(stack.enter_context(_temp_beside(dest, ".weights.h5")).name)
+        with h5_like(
+            newest,
+            h5_path,
+            [t.name for t in averaged],
+            optimizer=optimizer == "newest",
+            provenance=provenance,
+        ) as out:
+
+            def write(t: Tensor, rows: slice | tuple, values: np.ndarray) -> None:
+                ds = out[t.name]
+                ds.write_direct(values.view(ds.dtype), dest_sel=rows or None)
+
+            fold(
+                checkpoints,
+                np.array(p.weights),
+                averaged,
+                write,
+                allow_nonfinite=allow_nonfinite,
+                progress=progress,
+            )
+        if newest.format == "keras":
+            pack_keras(newest, h5_path, tmp)
+    return Result(dest, p.files, p.weights)
+
+
+def _temp_beside(dest: Path, suffix: str):
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    return tempfile.NamedTemporaryFile(dir=dest.parent, prefix=f".{dest.name}.", suffix=suffix)
+
+
+def average(
+    paths: Iterable[str | os.PathLike],
+    *,
+    scheme: str = "equal",
+    alpha: float = 2.0,
+    weights: Sequence[float] | None = None,
+    output: str | os.PathLike | None = None,
+    pattern: str | None = None,
+    last: int | None = None,
+    epochs: str | None = None,
+    **options: Any,
+) -> Result:
+    """Average Keras checkpoints into one file of their format; see :func:`run` for `options`.
+
+    >>> streamavg.average(["ckpts/"], scheme="exp", alpha=2.0, output="avg.keras")  # doctest: +SKIP
+    """
+    p = plan(
+        paths,
+        scheme=scheme,
+        alpha=alpha,
+        weights=weights,
+        pattern=pattern,
+        last=last,
+        epochs=epochs,
+    )
+    return run(p, output, **options)
+
+
+def average_tensors(
+    paths: Iterable[str | os.PathLike], *, allow_nonfinite: bool = False, **plan_args: Any
+) -> dict[str, np.ndarray]:
+    """The averaged model tensors in memory, by their names in the file (for small models).
+
+    Non-float tensors come from the newest checkpoint; optimizer state is left out.
+    """
+    p = plan(paths, **plan_args)
+    with ExitStack() as stack:
+        checkpoints = open_all(p.files, stack)
+        tensors = model_tensors(checkpoints[-1])
+        result = {n: _read_whole(checkpoints[-1], n) for n, t in tensors.items() if not t.averaged}
+        averaged = [t for t in tensors.values() if t.averaged]
+        result |= {t.name: np.empty(t.shape, t.dtype) for t in averaged}
+
+        def write(t, rows, values):
+            result[t.name][rows] = values
+
+        fold(checkpoints, np.array(p.weights), averaged, write, allow_nonfinite=allow_nonfinite)
+    return {n: result[n] for n in tensors}
+
+
+def _read_whole(ck: Checkpoint, name: str) -> np.ndarray:
+    return ck.h5[name][()].view(ck.tensors[name].dtype)
+
+
+def load_into_model(
+    model: Any,
+    paths: Iterable[str | os.PathLike],
+    *,
+    allow_nonfinite: bool = False,
+    **plan_args: Any,
+) -> Result:
+    """Average `paths` (selected and weighed as by :func:`plan`) into a Keras `model`.
+
+    The average goes to a temporary file that `model.load_weights` reads, so Keras maps the
+    tensors onto the model exactly as it would the checkpoints themselves.
+    """
+    p = plan(paths, **plan_args)
+    with Checkpoint(p.files[-1]) as newest, tempfile.TemporaryDirectory(prefix="streamavg-") as tmp:
+        output = Path(tmp) / f"averaged{SUFFIXES[newest.format]}"
+        run(p, output, allow_nonfinite=allow_nonfinite)
+        model.load_weights(str(output))
+    return Result(None, p.files, p.weights)

@@ -1,0 +1,198 @@
+"""The command line: `streamavg PATH... [options]` and `streamavg inspect FILE`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import sys
+import time
+from collections.abc import Sequence
+
+from ._version import __version__
+from .api import OPTIMIZER_POLICIES, Plan, plan, run
+from .errors import StreamavgError, UsageError
+from .formats import Checkpoint
+from .schemes import SCHEMES
+
+DESCRIPTION = """\
+Average Keras checkpoints (.keras, .weights.h5, legacy .h5) with constant memory.
+Checkpoints are ordered by the epoch number in their names; the newest weighs most.
+Run `streamavg inspect FILE` to list a checkpoint's tensors."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, not usage plus error
+        raise UsageError(message)
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = _Parser(
+        prog="streamavg",
+        description=DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("inputs", nargs="+", metavar="PATH", help="checkpoint files or directories")
+    sel = p.add_argument_group("selection")
+    sel.add_argument(
+        "--pattern",
+        metavar="GLOB",
+        help="files to take from directories (default: *.keras, *.h5, *.hdf5)",
+    )
+    sel.add_argument("--last", type=int, metavar="N", help="keep only the newest N checkpoints")
+    sel.add_argument(
+        "--epochs", metavar="FIRST:LAST", help="keep epochs FIRST to LAST inclusive, e.g. 490:499"
+    )
+    wts = p.add_argument_group("weights")
+    wts.add_argument(
+        "--scheme",
+        choices=SCHEMES,
+        default="equal",
+        help="equal: 1/n each; linear: n/n..1/n; exp: exp(-i/alpha) (default: equal)",
+    )
+    wts.add_argument("--alpha", type=float, default=2.0, help="decay of --scheme exp (default 2)")
+    wts.add_argument(
+        "--weights",
+        metavar="W1,W2,...",
+        type=_floats,
+        help="explicit weights, oldest first (overrides --scheme)",
+    )
+    out = p.add_argument_group("output")
+    out.add_argument(
+        "-o",
+        "--output",
+        metavar="PATH",
+        help="where to write (default: DIR/averaged/NEWEST.avg-SCHEME-nN.EXT)",
+    )
+    out.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    out.add_argument(
+        "--optimizer",
+        choices=OPTIMIZER_POLICIES,
+        default="drop",
+        help="drop optimizer state, or keep the newest checkpoint's (default: drop)",
+    )
+    out.add_argument(
+        "--allow-nonfinite",
+        action="store_true",
+        help="average NaN and Inf instead of refusing them",
+    )
+    out.add_argument("-q", "--quiet", action="store_true", help="no progress bar or weight table")
+    p.add_argument("--version", action="version", version=f"streamavg {__version__}")
+    return p
+
+
+def _floats(text: str) -> list[float]:
+    try:
+        return [float(x) for x in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"not a comma-separated list of numbers: {text!r}"
+        ) from None
+
+
+def _table(p: Plan) -> str:
+    rows = [f"{'#':>3}  {'weight':>8}  file"]
+    rows += [
+        f"{i:>3}  {w:8.6f}  {f}" for i, (f, w) in enumerate(zip(p.files, p.weights, strict=True), 1)
+    ]
+    return "\n".join(rows)
+
+
+def _average(argv: Sequence[str]) -> int:
+    args = _parser().parse_args(argv)
+    started = time.perf_counter()
+    p = plan(
+        args.inputs,
+        scheme=args.scheme,
+        alpha=args.alpha,
+        weights=args.weights,
+        pattern=args.pattern,
+        last=args.last,
+        epochs=args.epochs,
+    )
+    if p.by_mtime:
+        print(
+            "streamavg: note: file names carry no epoch number; ordered by modification time",
+            file=sys.stderr,
+        )
+    if not args.quiet:
+        print(_table(p))
+    result = run(
+        p,
+        args.output,
+        optimizer=args.optimizer,
+        overwrite=args.overwrite,
+        allow_nonfinite=args.allow_nonfinite,
+        progress=not args.quiet,
+    )
+    peak_mb = _peak_rss_kib() / 1024
+    print(
+        f"averaged {len(p.files)} files ({p.scheme}) into {result.output} "
+        f"in {time.perf_counter() - started:.2f} s, peak memory {peak_mb:.0f} MB"
+    )
+    return 0
+
+
+def _peak_rss_kib() -> int:
+    """This process's peak RSS; /proc's VmHWM, unlike ru_maxrss, forgets the parent we forked."""
+    try:
+        with open("/proc/self/status") as f:
+            return int(next(line for line in f if line.startswith("VmHWM:")).split()[1])
+    except (OSError, StopIteration):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+
+def inspect(path: str) -> str:
+    """A readable listing of a checkpoint: format, tensors, shapes, dtypes and sizes."""
+    with Checkpoint(path) as ck:
+        attrs = ck.h5.attrs
+        lines = [f"{ck.path}: {ck.format}, {ck.size:,} bytes of weights"]
+        if "keras_version" in attrs:
+            lines[0] += f", written by Keras {_text(attrs['keras_version'])}"
+        if "streamavg" in attrs:
+            lines.append(f"averaged by streamavg: {json.loads(_text(attrs['streamavg']))}")
+        width = max([len(n) for n in ck.tensors] + [6])
+        lines.append(
+            f"{'part':<9}  {'tensor':<{width}}  {'shape':<16}  {'dtype':<8}  {'bytes':>12}"
+        )
+        for t in ck.tensors.values():
+            lines.append(
+                f"{t.part:<9}  {t.name:<{width}}  {t.shape!s:<16}  "
+                f"{t.dtype.name:<8}  {t.nbytes:>12,}"
+            )
+        for part in ("model", "optimizer", "other"):
+            ts = [t for t in ck.tensors.values() if t.part == part]
+            if ts:
+                lines.append(f"{part}: {len(ts)} tensors, {sum(t.nbytes for t in ts):,} bytes")
+    return "\n".join(lines)
+
+
+def _text(value: object) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _inspect(argv: Sequence[str]) -> int:
+    p = _Parser(prog="streamavg inspect", description="List a checkpoint's tensors.")
+    p.add_argument("file", metavar="FILE")
+    print(inspect(p.parse_args(argv).file))
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; return the exit status (0, 1 for bad input, 2 for bad usage)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        return _inspect(argv[1:]) if argv[:1] == ["inspect"] else _average(argv)
+    except StreamavgError as e:
+        print(f"streamavg: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except BrokenPipeError:  # `streamavg inspect x | head`
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
+    except OSError as e:
+        print(f"streamavg: error: {e.filename or ''}: {e.strerror or e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("streamavg: interrupted; nothing was written", file=sys.stderr)
+        return 130

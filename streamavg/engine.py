@@ -1,0 +1,121 @@
+"""The one streaming fold: weighted sums of every tensor, a cache-sized piece at a time.
+
+For each piece of each averaged tensor, the same rows are read from every checkpoint,
+folded into a small float64 accumulator in chronological order, divided by the sum
+of the weights and cast back to the stored dtype. That is exactly the arithmetic of
+``np.average(stack, axis=0, weights=w)`` in float64, so memory stays flat in the
+number of checkpoints while the result matches the in-memory reference.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import ExitStack
+
+import numpy as np
+from tqdm import tqdm
+
+from .errors import StreamavgError
+from .formats import Checkpoint, Tensor
+
+PIECE_BYTES = 1 << 20  # float64 accumulator per piece: stays in the CPU cache
+
+Write = Callable[[Tensor, "slice | tuple", np.ndarray], None]
+
+
+def open_all(paths: Sequence, stack: ExitStack) -> list[Checkpoint]:
+    """Open every checkpoint (metadata only) and check that their model parts agree."""
+    checkpoints = [stack.enter_context(Checkpoint(p)) for p in paths]
+    validate(checkpoints)
+    return checkpoints
+
+
+def validate(checkpoints: Sequence[Checkpoint]) -> None:
+    """Require one format and the same model tensor names, shapes and dtypes everywhere."""
+    ref = checkpoints[-1]
+    want = model_tensors(ref)
+    for ck in checkpoints[:-1]:
+        if ck.format != ref.format:
+            raise StreamavgError(
+                f"{ck.path}: mixed formats: {ck.format} here, {ref.format} in {ref.path}"
+            )
+        have = model_tensors(ck)
+        for name in want.keys() - have.keys():
+            raise StreamavgError(f"{ck.path}: {name}: missing (present in {ref.path})")
+        for name in have.keys() - want.keys():
+            raise StreamavgError(f"{ck.path}: {name}: not in {ref.path}")
+        for name, t in have.items():
+            r = want[name]
+            if (t.shape, t.dtype) != (r.shape, r.dtype):
+                raise StreamavgError(
+                    f"{ck.path}: {name}: {_describe(t)} here, {_describe(r)} in {ref.path}"
+                )
+
+
+def model_tensors(ck: Checkpoint) -> dict[str, Tensor]:
+    return {n: t for n, t in ck.tensors.items() if t.part == "model"}
+
+
+def _describe(t: Tensor) -> str:
+    return f"shape {t.shape} {t.dtype}"
+
+
+def pieces(shape: tuple[int, ...]) -> Iterator[slice | tuple]:
+    """Row slices of a tensor whose float64 size is about PIECE_BYTES (at least one row)."""
+    if not shape:
+        yield ()
+        return
+    row = int(np.prod(shape[1:], dtype=np.int64)) * 8
+    step = max(1, PIECE_BYTES // max(row, 1))
+    for start in range(0, shape[0], step):
+        yield slice(start, min(start + step, shape[0]))
+
+
+def fold(
+    checkpoints: Sequence[Checkpoint],
+    weights: np.ndarray,
+    tensors: Sequence[Tensor],
+    write: Write,
+    *,
+    allow_nonfinite: bool = False,
+    progress: bool = False,
+) -> None:
+    """Average `tensors` across `checkpoints` (oldest first) and hand each piece to `write`."""
+    scale = weights.sum()
+    total = sum(t.nbytes for t in tensors) * len(checkpoints)
+    with tqdm(
+        total=total,
+        unit="B",
+        unit_scale=True,
+        unit_divisor=1024,
+        disable=None if progress else True,
+        desc="averaging",
+        leave=False,
+    ) as bar:
+        for t in tensors:
+            datasets = [ck.h5[t.name] for ck in checkpoints]
+            for rows in pieces(t.shape):
+                shape = () if rows == () else (rows.stop - rows.start, *t.shape[1:])
+                buf = np.empty(shape, datasets[0].dtype)  # as stored: bfloat16 reads as opaque
+                acc, tmp = np.empty(shape), np.empty(shape)
+                for i, (ck, ds) in enumerate(zip(checkpoints, datasets, strict=True)):
+                    ck.read(ds, rows, buf)
+                    np.multiply(buf.view(t.dtype), weights[i], out=acc if i == 0 else tmp)
+                    if i:
+                        acc += tmp
+                    bar.update(buf.nbytes)
+                if not allow_nonfinite and not np.isfinite(acc).all():
+                    _blame_nonfinite(checkpoints, datasets, rows, buf, t)
+                acc /= scale
+                write(t, rows, acc.astype(t.dtype))
+
+
+def _blame_nonfinite(checkpoints, datasets, rows, buf: np.ndarray, t: Tensor) -> None:
+    for ck, ds in zip(checkpoints, datasets, strict=True):
+        ck.read(ds, rows, buf)
+        if not np.isfinite(buf.view(t.dtype)).all():
+            raise StreamavgError(
+                f"{ck.path}: {t.name}: contains NaN or Inf "
+                "(pass --allow-nonfinite to average anyway)"
+            )
+    raise StreamavgError(f"{checkpoints[-1].path}: {t.name}: weighted sum overflowed")

@@ -1,0 +1,228 @@
+"""Thin adapters over the four Keras checkpoint containers, recognised by content.
+
+A :class:`Checkpoint` lists the tensors of one file (name, shape, dtype, which part
+of the model they belong to) and reads row slices of them into caller buffers.
+Nothing here builds a model or imports Keras.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import struct
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO
+
+import h5py
+import ml_dtypes
+import numpy as np
+
+from .errors import StreamavgError
+
+#: The containers, by the name `inspect` prints, with the suffix Keras expects of each.
+SUFFIXES = {
+    "keras": ".keras",  # Keras 3 zip: config.json, metadata.json, model.weights.h5
+    "keras-weights": ".weights.h5",  # Keras 3 save_weights
+    "legacy-h5": ".h5",  # model.save("x.h5"), Keras 2 and 3
+    "legacy-weights": ".h5",  # Keras 2 save_weights("x.h5")
+}
+WEIGHTS_MEMBER = "model.weights.h5"
+_HDF5_MAGIC = b"\x89HDF\r\n\x1a\n"
+_ZIP_MAGIC = b"PK\x03\x04"
+#: The root group holding optimizer state, and the one holding the model where not the root.
+OPTIMIZER_GROUP = {
+    "keras": "optimizer",
+    "keras-weights": "optimizer",
+    "legacy-h5": "optimizer_weights",
+}
+_MODEL_GROUP = {"legacy-h5": "model_weights"}
+
+
+@dataclass(frozen=True)
+class Tensor:
+    """One stored tensor. `dtype` is the logical dtype (bfloat16 for Keras's opaque 2-byte data)."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: np.dtype
+    part: str  # "model", "optimizer" or "other"
+
+    @property
+    def averaged(self) -> bool:
+        """Only floating-point model weights are averaged; the rest is copied or dropped."""
+        return self.part == "model" and self.dtype.kind in "fV"
+
+    @property
+    def nbytes(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64)) * self.dtype.itemsize
+
+
+def logical_dtype(ds: h5py.Dataset) -> np.dtype:
+    """The dtype Keras meant: untagged 2-byte opaque data is bfloat16 in every Keras format."""
+    if ds.dtype.kind == "V" and ds.dtype.itemsize == 2 and ds.dtype.names is None:
+        return np.dtype(ml_dtypes.bfloat16)
+    return ds.dtype
+
+
+class _Window(io.RawIOBase):
+    """Read-only bytes [start, start+size) of a file: an uncompressed zip member, in place."""
+
+    def __init__(self, raw: BinaryIO, start: int, size: int) -> None:
+        self._raw, self._start, self._size, self._pos = raw, start, size, 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seek(self, pos: int, whence: int = os.SEEK_SET) -> int:
+        base = {os.SEEK_SET: 0, os.SEEK_CUR: self._pos, os.SEEK_END: self._size}[whence]
+        self._pos = base + pos
+        return self._pos
+
+    def readinto(self, buf) -> int:
+        n = max(0, min(len(buf), self._size - self._pos))
+        got = os.preadv(self._raw.fileno(), [memoryview(buf)[:n]], self._start + self._pos)
+        self._pos += got
+        return got
+
+    def close(self) -> None:
+        self._raw.close()
+        super().close()
+
+
+def _open_member(path: Path) -> tuple[BinaryIO, int]:
+    """Open the weights member of a `.keras` zip in place, without extracting it."""
+    try:
+        with zipfile.ZipFile(path) as zf:
+            info = zf.getinfo(WEIGHTS_MEMBER)
+    except KeyError:
+        raise StreamavgError(f"{path}: .keras archive has no {WEIGHTS_MEMBER}") from None
+    except (zipfile.BadZipFile, OSError, EOFError) as e:
+        raise StreamavgError(f"{path}: corrupt .keras archive ({e})") from None
+    if info.compress_type != zipfile.ZIP_STORED:  # not as Keras writes it; decompress on the fly
+        return zipfile.ZipFile(path).open(info), info.file_size
+    raw = open(path, "rb", buffering=0)  # noqa: SIM115 - owned by the returned window
+    header = os.pread(raw.fileno(), 30, info.header_offset)
+    if len(header) < 30 or header[:4] != _ZIP_MAGIC:
+        raw.close()
+        raise StreamavgError(f"{path}: corrupt .keras archive (bad local header)")
+    name_len, extra_len = struct.unpack("<HH", header[26:30])
+    start = info.header_offset + 30 + name_len + extra_len
+    if start + info.file_size > os.fstat(raw.fileno()).st_size:
+        raw.close()
+        raise StreamavgError(f"{path}: corrupt .keras archive (truncated {WEIGHTS_MEMBER})")
+    return _Window(raw, start, info.file_size), info.file_size
+
+
+def _sniff(path: Path) -> bytes:
+    try:
+        with open(path, "rb") as f:
+            return f.read(8)
+    except FileNotFoundError:
+        raise StreamavgError(f"{path}: no such file") from None
+    except OSError as e:
+        raise StreamavgError(f"{path}: cannot read ({e.strerror})") from None
+
+
+def _classify(h5: h5py.File, zipped: bool) -> str | None:
+    if zipped:
+        return "keras"
+    if "model_config" in h5.attrs or "model_weights" in h5:
+        return "legacy-h5"
+    if "layer_names" in h5.attrs:
+        return "legacy-weights"
+    if "layers" in h5 or "vars" in h5:
+        return "keras-weights"
+    return None
+
+
+def _part(fmt: str, name: str) -> str:
+    root = name.split("/", 1)[0]
+    if root == OPTIMIZER_GROUP.get(fmt):
+        return "optimizer"
+    return "model" if root == _MODEL_GROUP.get(fmt, root) else "other"
+
+
+class Checkpoint:
+    """An open checkpoint: its format, its tensors, and row reads into caller buffers.
+
+    >>> with Checkpoint("ckpts/model_10.keras") as ck:  # doctest: +SKIP
+    ...     ck.format, list(ck.tensors)[:1]
+    ('keras', ['layers/dense/vars/0'])
+    """
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.path = Path(path)
+        magic = _sniff(self.path)
+        zipped = magic.startswith(_ZIP_MAGIC)
+        if not zipped and magic != _HDF5_MAGIC:
+            raise StreamavgError(f"{self.path}: not a Keras checkpoint (neither HDF5 nor .keras)")
+        self._member: BinaryIO | None = None
+        if zipped:
+            self._member, self.size = _open_member(self.path)
+        else:
+            self.size = self.path.stat().st_size
+        try:
+            self.h5 = h5py.File(self._member or self.path, "r")
+        except OSError as e:
+            if self._member is not None:
+                self._member.close()
+            raise StreamavgError(f"{self.path}: corrupt HDF5 ({_reason(e)})") from None
+        fmt = _classify(self.h5, zipped)
+        if fmt is None:
+            self.close()
+            raise StreamavgError(f"{self.path}: HDF5 file holds no Keras weights")
+        self.format = fmt
+        self.tensors: dict[str, Tensor] = {}
+        try:
+            self.h5.visititems(self._add)
+        except (OSError, RuntimeError, KeyError) as e:
+            self.close()
+            raise StreamavgError(f"{self.path}: corrupt HDF5 ({_reason(e)})") from None
+
+    def _add(self, name: str, obj: h5py.HLObject) -> None:
+        if not isinstance(obj, h5py.Dataset):
+            return
+        tensor = Tensor(name, obj.shape, logical_dtype(obj), _part(self.format, name))
+        self.tensors[name] = tensor
+        if tensor.part == "model":
+            self._check_complete(obj, tensor)
+
+    def _check_complete(self, ds: h5py.Dataset, tensor: Tensor) -> None:
+        """Reject a model tensor whose data is missing or lies past the end of the file."""
+        if ds.shape is None or ds.id.get_create_plist().get_layout() != h5py.h5d.CONTIGUOUS:
+            return
+        offset = ds.id.get_offset()
+        if tensor.nbytes and (offset is None or offset + tensor.nbytes > self.size):
+            raise StreamavgError(f"{self.path}: {tensor.name}: data is missing (truncated file?)")
+
+    def read(self, ds: h5py.Dataset, rows: slice | tuple, out: np.ndarray) -> None:
+        """Read `rows` of one of this file's datasets into `out`; failures name file and tensor."""
+        try:
+            ds.read_direct(out, source_sel=rows)
+        except (OSError, RuntimeError, TypeError) as e:
+            raise StreamavgError(f"{self.path}: {ds.name[1:]}: unreadable ({_reason(e)})") from None
+
+    def close(self) -> None:
+        self.h5.close()
+        if self._member is not None:
+            self._member.close()
+
+    def __enter__(self) -> Checkpoint:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _reason(e: BaseException) -> str:
+    """The last clause of an HDF5 error, which names the cause without the call stack."""
+    text = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+    return text.rstrip(")").split("(", 1)[-1].strip() if "(" in text else text

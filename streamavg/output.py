@@ -1,0 +1,126 @@
+"""Writing results: a checkpoint laid out like a template, put in place atomically."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import zipfile
+from collections.abc import Collection, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import h5py
+
+from .errors import UsageError
+from .formats import OPTIMIZER_GROUP, SUFFIXES, WEIGHTS_MEMBER, Checkpoint
+
+OUTPUT_DIR = "averaged"  # default outputs go here, out of reach of a later scan of the inputs
+
+
+def default_output(newest: Checkpoint, scheme: str, n: int) -> Path:
+    """`<dir>/averaged/<newest>.avg-<scheme>-n<n><suffix>`, keeping the suffix Keras expects."""
+    name = newest.path.name
+    stem = name.removesuffix(SUFFIXES[newest.format]).removesuffix(newest.path.suffix)
+    suffix = SUFFIXES[newest.format] if newest.format != "legacy-h5" else newest.path.suffix
+    return newest.path.parent / OUTPUT_DIR / f"{stem}.avg-{scheme}-n{n}{suffix}"
+
+
+def check_output(dest: Path, inputs: Collection[Path], overwrite: bool) -> None:
+    """Refuse an output that is one of the inputs, or that exists without `overwrite`."""
+    for p in inputs:
+        if dest.resolve() == p.resolve() or (dest.exists() and os.path.samefile(dest, p)):
+            raise UsageError(f"{dest}: output is one of the inputs")
+    if dest.exists() and not overwrite:
+        raise UsageError(f"{dest}: already exists (pass --overwrite to replace it)")
+    if dest.is_dir():
+        raise UsageError(f"{dest}: is a directory")
+
+
+@contextmanager
+def atomic_output(dest: Path, overwrite: bool) -> Iterator[Path]:
+    """Yield a temporary path beside `dest`; durably rename it onto `dest` if the block succeeds."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".tmp")
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        yield tmp
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        check_output(dest, (), overwrite)  # it may have appeared while we worked
+        os.replace(tmp, dest)
+        dir_fd = os.open(dest.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+@contextmanager
+def h5_like(
+    template: Checkpoint,
+    path: Path,
+    fresh: Collection[str],
+    *,
+    optimizer: bool,
+    provenance: dict,
+) -> Iterator[dict[str, h5py.Dataset]]:
+    """Write an HDF5 file shaped like `template`, yielding empty datasets for the `fresh` names.
+
+    Groups, attributes, dtypes and storage layout are copied, and so are the other tensors
+    with their data; the optimizer group is left out unless `optimizer` is true.
+    """
+    fresh = set(fresh)
+    created: dict[str, h5py.Dataset] = {}
+    dropped = None if optimizer else OPTIMIZER_GROUP.get(template.format)
+
+    def replicate(src: h5py.Group, dst: h5py.Group) -> None:
+        _copy_attrs(src, dst)
+        for key, obj in src.items():
+            name = obj.name[1:]
+            if name == dropped:
+                continue
+            if isinstance(obj, h5py.Group):
+                replicate(obj, dst.create_group(key))
+            elif name in fresh:
+                dsid = h5py.h5d.create(
+                    dst.id,
+                    key.encode(),
+                    obj.id.get_type(),
+                    obj.id.get_space(),
+                    dcpl=obj.id.get_create_plist(),
+                )
+                created[name] = h5py.Dataset(dsid)
+                _copy_attrs(obj, created[name])
+            else:
+                src.copy(obj, dst, key)
+
+    with h5py.File(path, "w") as out:
+        replicate(template.h5, out)
+        out.attrs["streamavg"] = json.dumps(provenance)
+        yield created
+
+
+def _copy_attrs(src: h5py.HLObject, dst: h5py.HLObject) -> None:
+    for key in src.attrs:
+        dst.attrs.create(key, src.attrs[key], dtype=src.attrs.get_id(key).dtype)
+
+
+def pack_keras(template: Checkpoint, weights_file: Path, dest: Path) -> None:
+    """Write a `.keras` archive: the template's members, with `weights_file` as its weights."""
+    with zipfile.ZipFile(template.path) as src, zipfile.ZipFile(dest, "w") as out:
+        for info in src.infolist():
+            if info.filename != WEIGHTS_MEMBER:
+                out.writestr(info, src.read(info))
+                continue
+            member = zipfile.ZipInfo(WEIGHTS_MEMBER, date_time=info.date_time)
+            member.compress_type = info.compress_type
+            with open(weights_file, "rb") as f, out.open(member, "w", force_zip64=True) as w:
+                shutil.copyfileobj(f, w, 1 << 20)

@@ -1,0 +1,50 @@
+"""Averaging schemes: pure functions from (scheme, n) to normalised weights.
+
+Weights are listed chronologically (oldest first). Following the tutorial, the
+checkpoints are numbered newest first, i = 1..n, so the newest weighs most.
+
+>>> scheme_weights("equal", 4).tolist()
+[0.25, 0.25, 0.25, 0.25]
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from .errors import UsageError
+
+SCHEMES = ("equal", "linear", "exp")
+
+
+def scheme_weights(
+    scheme: str, n: int, *, alpha: float = 2.0, weights: Sequence[float] | None = None
+) -> np.ndarray:
+    """Float64 weights for `n` checkpoints, oldest first, normalised to sum to 1.
+
+    equal: 1/n each; linear: n/n for the newest down to 1/n for the oldest;
+    exp: exp(-i/alpha). Explicit `weights` (oldest first) override `scheme`.
+    """
+    if n < 1:
+        raise UsageError("no checkpoints to average")
+    i = np.arange(n, 0, -1, dtype=np.float64)  # the newest-first index, listed oldest first
+    if weights is not None:
+        w = np.asarray(weights, dtype=np.float64)
+        if w.shape != (n,):
+            raise UsageError(f"--weights gives {w.size} weights for {n} checkpoints")
+        if not np.isfinite(w).all() or (w < 0).any():
+            raise UsageError("--weights must be finite and non-negative")
+        if w.sum() <= 0:
+            raise UsageError("--weights must have a positive sum")
+    elif scheme == "equal":
+        w = np.ones(n)
+    elif scheme == "linear":
+        w = (n + 1 - i) / n
+    elif scheme == "exp":
+        if not (np.isfinite(alpha) and alpha > 0):
+            raise UsageError(f"--alpha must be a positive number, got {alpha}")
+        w = np.exp(-i / alpha)
+    else:
+        raise UsageError(f"unknown scheme {scheme!r}; choose from {', '.join(SCHEMES)}")
+    return w / w.sum()
