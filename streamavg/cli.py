@@ -145,7 +145,7 @@ def _peak_rss_kib() -> int:
 
 def inspect(path: str) -> str:
     """A readable listing of a checkpoint: format, tensors, shapes, dtypes and sizes."""
-    with Checkpoint(path) as ck:
+    with Checkpoint(path, optimizer=True) as ck:
         attrs = ck.h5.attrs
         lines = [f"{ck.path}: {ck.format}, {ck.size:,} bytes of weights"]
         if "keras_version" in attrs:

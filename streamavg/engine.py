@@ -9,16 +9,19 @@ number of checkpoints while the result matches the in-memory reference.
 
 from __future__ import annotations
 
+import os
+import sys
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
 
 import numpy as np
-from tqdm import tqdm
 
 from .errors import StreamavgError
 from .formats import Checkpoint, Tensor
 
 PIECE_BYTES = 1 << 20  # float64 accumulator per piece: stays in the CPU cache
+WORKERS = min(4, os.cpu_count() or 1)
 
 Write = Callable[[Tensor, "slice | tuple", np.ndarray], None]
 
@@ -80,39 +83,57 @@ def fold(
     allow_nonfinite: bool = False,
     progress: bool = False,
 ) -> None:
-    """Average `tensors` across `checkpoints` (oldest first) and hand each piece to `write`."""
+    """Average `tensors` across `checkpoints` (oldest first) and hand each piece to `write`.
+
+    Pieces are independent, so they run on a few threads: reads and numpy release the GIL.
+    """
     scale = weights.sum()
-    total = sum(t.nbytes for t in tensors) * len(checkpoints)
-    with tqdm(
-        total=total,
-        unit="B",
-        unit_scale=True,
-        unit_divisor=1024,
-        disable=None if progress else True,
-        desc="averaging",
-        leave=False,
-    ) as bar:
-        for t in tensors:
-            datasets = [ck.h5[t.name] for ck in checkpoints]
-            for rows in pieces(t.shape):
-                shape = () if rows == () else (rows.stop - rows.start, *t.shape[1:])
-                buf = np.empty(shape, datasets[0].dtype)  # as stored: bfloat16 reads as opaque
-                acc, tmp = np.empty(shape), np.empty(shape)
-                for i, (ck, ds) in enumerate(zip(checkpoints, datasets, strict=True)):
-                    ck.read(ds, rows, buf)
-                    np.multiply(buf.view(t.dtype), weights[i], out=acc if i == 0 else tmp)
-                    if i:
-                        acc += tmp
-                    bar.update(buf.nbytes)
-                if not allow_nonfinite and not np.isfinite(acc).all():
-                    _blame_nonfinite(checkpoints, datasets, rows, buf, t)
-                acc /= scale
-                write(t, rows, acc.astype(t.dtype))
+
+    def piece(t: Tensor, rows: slice | tuple) -> int:
+        shape = () if rows == () else (rows.stop - rows.start, *t.shape[1:])
+        buf = np.empty(shape, t.stored)
+        acc, tmp = np.empty(shape), np.empty(shape)
+        for i, ck in enumerate(checkpoints):
+            ck.read(t.name, rows, buf)
+            term = acc if i == 0 else tmp
+            np.copyto(term, buf.view(t.dtype))  # exact widening to float64
+            term *= weights[i]
+            if i:
+                acc += tmp
+        if not allow_nonfinite and not np.isfinite(acc).all():
+            _blame_nonfinite(checkpoints, t, rows, buf)
+        acc /= scale
+        write(t, rows, acc.astype(t.dtype))
+        return buf.nbytes * len(checkpoints)
+
+    bar = _progress_bar(sum(t.nbytes for t in tensors) * len(checkpoints)) if progress else None
+    with ThreadPoolExecutor(WORKERS) as pool:
+        futures = [pool.submit(piece, t, rows) for t in tensors for rows in pieces(t.shape)]
+        try:
+            for f in futures:
+                done = f.result()
+                if bar is not None:
+                    bar.update(done)
+        except BaseException:
+            pool.shutdown(cancel_futures=True)
+            raise
+        finally:
+            if bar is not None:
+                bar.close()
 
 
-def _blame_nonfinite(checkpoints, datasets, rows, buf: np.ndarray, t: Tensor) -> None:
-    for ck, ds in zip(checkpoints, datasets, strict=True):
-        ck.read(ds, rows, buf)
+def _progress_bar(total: int):
+    """A tqdm bar over bytes read, on a terminal only (tqdm is imported only then)."""
+    if not sys.stderr.isatty():
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="averaging")
+
+
+def _blame_nonfinite(checkpoints: Sequence[Checkpoint], t: Tensor, rows, buf: np.ndarray) -> None:
+    for ck in checkpoints:
+        ck.read(t.name, rows, buf)
         if not np.isfinite(buf.view(t.dtype)).all():
             raise StreamavgError(
                 f"{ck.path}: {t.name}: contains NaN or Inf "
