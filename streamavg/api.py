@@ -125,7 +125,6 @@ def run(
 
 
 def _temp_beside(dest: Path, suffix: str):
-    dest.parent.mkdir(parents=True, exist_ok=True)
     return tempfile.NamedTemporaryFile(dir=dest.parent, prefix=f".{dest.name}.", suffix=suffix)
 
 

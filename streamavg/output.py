@@ -8,7 +8,7 @@ import shutil
 import tempfile
 import zipfile
 from collections.abc import Collection, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 
 import h5py
@@ -40,7 +40,11 @@ def check_output(dest: Path, inputs: Collection[Path], overwrite: bool) -> None:
 
 @contextmanager
 def atomic_output(dest: Path, overwrite: bool) -> Iterator[Path]:
-    """Yield a temporary path beside `dest`; durably rename it onto `dest` if the block succeeds."""
+    """Yield a temporary path beside `dest`; durably rename it onto `dest` if the block succeeds.
+
+    On failure the temporary file goes, and so do the directories made for `dest`.
+    """
+    made = [d for d in (dest.parent, *dest.parent.parents) if not d.exists()]
     dest.parent.mkdir(parents=True, exist_ok=True)
     fd, name = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".tmp")
     os.close(fd)
@@ -59,8 +63,12 @@ def atomic_output(dest: Path, overwrite: bool) -> Iterator[Path]:
             os.fsync(dir_fd)
         finally:
             os.close(dir_fd)
-    finally:
+    except BaseException:
         tmp.unlink(missing_ok=True)
+        for d in made:
+            with suppress(OSError):
+                d.rmdir()
+        raise
 
 
 @contextmanager

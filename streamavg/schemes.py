@@ -35,8 +35,8 @@ def scheme_weights(
             raise UsageError(f"--weights gives {w.size} weights for {n} checkpoints")
         if not np.isfinite(w).all() or (w < 0).any():
             raise UsageError("--weights must be finite and non-negative")
-        if w.sum() <= 0:
-            raise UsageError("--weights must have a positive sum")
+        if not 0 < w.sum() < np.inf:
+            raise UsageError("--weights must have a positive, finite sum")
     elif scheme == "equal":
         w = np.ones(n)
     elif scheme == "linear":
@@ -44,7 +44,7 @@ def scheme_weights(
     elif scheme == "exp":
         if not (np.isfinite(alpha) and alpha > 0):
             raise UsageError(f"--alpha must be a positive number, got {alpha}")
-        w = np.exp(-i / alpha)
+        w = np.exp(-(i - 1) / alpha)  # exp(-i/alpha) scaled so the newest is 1: no underflow to 0/0
     else:
         raise UsageError(f"unknown scheme {scheme!r}; choose from {', '.join(SCHEMES)}")
     return w / w.sum()

@@ -25,9 +25,17 @@ class Selection:
     by_mtime: bool = False
 
 
+def stem(name: str) -> str:
+    """The name without its checkpoint suffix, whose "5" in ".h5" is no epoch."""
+    for suffix in (".weights.h5", *CHECKPOINT_SUFFIXES):
+        if name.endswith(suffix):
+            return name.removesuffix(suffix)
+    return name
+
+
 def natural_key(name: str) -> list:
     """Sort key treating digit runs as numbers: `model_9` < `model_10`."""
-    return [int(tok) if i % 2 else tok for i, tok in enumerate(_NUMBER.split(name))]
+    return [int(tok) if i % 2 else tok for i, tok in enumerate(_NUMBER.split(stem(name)))]
 
 
 def epoch_numbers(names: Sequence[str]) -> list[int]:
@@ -36,7 +44,7 @@ def epoch_numbers(names: Sequence[str]) -> list[int]:
     >>> epoch_numbers(["weights.09-0.31.h5", "weights.10-0.30.h5"])
     [9, 10]
     """
-    numbers = [[int(n) for n in _NUMBER.findall(name)] for name in names]
+    numbers = [[int(n) for n in _NUMBER.findall(stem(name))] for name in names]
     width = min(len(ns) for ns in numbers)
     column = next((j for j in range(width) if len({ns[j] for ns in numbers}) > 1), width - 1)
     return [ns[column] for ns in numbers]
@@ -59,7 +67,7 @@ def _scan(directory: Path, pattern: str | None) -> list[Path]:
     if pattern is None:
         found = [p for p in found if p.name.endswith(CHECKPOINT_SUFFIXES)]
     if not found:
-        what = f"matches {pattern!r}" if pattern else "(*.keras, *.h5, *.hdf5)"
+        what = f"matches {pattern!r}" if pattern else "(*.keras, *.h5 or *.hdf5)"
         raise StreamavgError(f"{directory}: no checkpoint {what}")
     return found
 
@@ -87,7 +95,7 @@ def select_checkpoints(
     if not paths:
         raise UsageError("no checkpoints given")
     chosen = list(paths.values())
-    by_mtime = not all(_NUMBER.search(p.name) for p in chosen)
+    by_mtime = not all(_NUMBER.search(stem(p.name)) for p in chosen)
     if by_mtime:
         chosen.sort(key=lambda p: (p.stat().st_mtime_ns, natural_key(p.name)))
     else:
@@ -98,7 +106,7 @@ def select_checkpoints(
 
 
 def _in_epochs(chosen: list[Path], bounds: tuple[int | None, int | None], spec: str) -> list[Path]:
-    if not all(_NUMBER.search(p.name) for p in chosen):
+    if not all(_NUMBER.search(stem(p.name)) for p in chosen):
         raise UsageError("--epochs needs an epoch number in every file name")
     lo, hi = bounds
     numbers = epoch_numbers([p.name for p in chosen])

@@ -1,0 +1,65 @@
+"""Real checkpoints, written once per test session by Keras 3 and tf_keras (Keras 2)."""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from make_checkpoints import KERAS2, KERAS3
+
+HERE = Path(__file__).parent
+CASES = sorted([*KERAS3, *KERAS2])
+
+
+@pytest.fixture(scope="session")
+def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The directory holding one sub-directory of checkpoints per case (read-only by convention)."""
+    root = tmp_path_factory.mktemp("checkpoints")
+    for which in ("keras3", "keras2"):
+        subprocess.run(
+            [sys.executable, str(HERE / "make_checkpoints.py"), str(root), which],
+            check=True,
+            capture_output=True,
+        )
+    return root
+
+
+@pytest.fixture
+def case_copy(checkpoints: Path, tmp_path: Path):
+    """A private copy of one case's checkpoints, for tests that write next to them."""
+
+    def copy(case: str) -> Path:
+        return Path(shutil.copytree(checkpoints / case, tmp_path / case))
+
+    return copy
+
+
+def files(directory: Path) -> list[Path]:
+    """Checkpoints of a case directory, chronological (numbered with equal widths)."""
+    return sorted(p for p in directory.iterdir() if p.is_file())
+
+
+def snapshot(directory: Path) -> dict[str, str]:
+    """Every file under `directory` (hidden ones too) with a digest of its bytes."""
+    return {
+        str(p.relative_to(directory)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(directory.rglob("*"))
+        if p.is_file()
+    }
+
+
+def ulp_distance(a: np.ndarray, b: np.ndarray) -> int:
+    """Largest distance in units in the last place between two float arrays of one dtype."""
+    assert a.dtype == b.dtype and a.shape == b.shape
+    ints = np.dtype(f"i{a.dtype.itemsize}")
+
+    def ordered(x: np.ndarray) -> np.ndarray:
+        i = x.view(ints).astype(np.int64)
+        return np.where(i < 0, np.iinfo(ints).min - i, i)
+
+    return int(np.abs(ordered(a) - ordered(b)).max(initial=0))
