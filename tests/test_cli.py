@@ -1,0 +1,374 @@
+"""The command line: tables, summaries, inspection, and one clear line for every bad input."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+from conftest import files, snapshot
+
+from streamavg import __version__, scheme_weights
+from streamavg.cli import main
+from streamavg.formats import Checkpoint
+
+
+def run(capsys, *args: object) -> tuple[int, str, str]:
+    code = main([str(a) for a in args])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+# -- bad input: one line, the right exit code, nothing written, inputs untouched -----------
+
+
+def truncate(path: Path) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+def edit(path: Path, change) -> None:
+    with h5py.File(path, "a") as f:
+        change(f)
+
+
+def set_first(name: str, value: float):
+    def change(f: h5py.File) -> None:
+        f[name][0] = value
+
+    return change
+
+
+def reshape(f: h5py.File) -> None:
+    del f["layers/dense/vars/1"]
+    f["layers/dense/vars/1"] = np.zeros(8, "float32")
+
+
+def not_keras(path: Path) -> None:
+    with h5py.File(path, "w") as f:
+        f["x"] = np.zeros(3)
+
+
+def no_weights_member(path: Path) -> None:
+    with zipfile.ZipFile(path, "w") as z:
+        z.writestr("config.json", "{}")
+
+
+# (case copied, how to damage it, extra arguments, expected message after "error: ", exit code)
+BAD = {
+    "missing directory": (None, None, [], "{d}/nope: no such file or directory", 1),
+    "empty directory": ("empty", None, [], "{d}/empty: no checkpoint (*.keras, *.h5 or *.hdf5)", 1),
+    "pattern matches nothing": (
+        "k3-weights",
+        None,
+        ["--pattern", "*.pt"],
+        "{d}/k3-weights: no checkpoint matches '*.pt'",
+        1,
+    ),
+    "not HDF5": (
+        "k3-weights",
+        lambda d: (d / "model_3.weights.h5").write_text("hello"),
+        [],
+        "{d}/k3-weights/model_3.weights.h5: not a Keras checkpoint (neither HDF5 nor .keras)",
+        1,
+    ),
+    "HDF5 but not Keras": (
+        "k3-weights",
+        lambda d: not_keras(d / "model_3.weights.h5"),
+        [],
+        "{d}/k3-weights/model_3.weights.h5: HDF5 file holds no Keras weights",
+        1,
+    ),
+    "truncated .keras zip": (
+        "k3-keras",
+        lambda d: truncate(d / "model_2.keras"),
+        [],
+        "{d}/k3-keras/model_2.keras: corrupt .keras archive (File is not a zip file)",
+        1,
+    ),
+    ".keras without weights": (
+        "k3-keras",
+        lambda d: no_weights_member(d / "model_2.keras"),
+        [],
+        "{d}/k3-keras/model_2.keras: .keras archive has no model.weights.h5",
+        1,
+    ),
+    "missing tensor": (
+        "k3-weights",
+        lambda d: edit(d / "model_2.weights.h5", lambda f: f.__delitem__("layers/dense/vars/1")),
+        [],
+        "{d}/k3-weights/model_2.weights.h5: layers/dense/vars/1: missing "
+        "(present in {d}/k3-weights/model_5.weights.h5)",
+        1,
+    ),
+    "shape mismatch": (
+        "k3-weights",
+        lambda d: edit(d / "model_2.weights.h5", reshape),
+        [],
+        "{d}/k3-weights/model_2.weights.h5: layers/dense/vars/1: shape (8,) float32 here, "
+        "shape (16,) float32 in {d}/k3-weights/model_5.weights.h5",
+        1,
+    ),
+    "dtype mismatch": (
+        "k3-weights",
+        lambda d: shutil.copy(d.parent / "f16" / "model_5.weights.h5", d / "model_0.weights.h5"),
+        [],
+        "{d}/k3-weights/model_0.weights.h5: layers/batch_normalization/vars/0: shape (16,) "
+        "float16 here, shape (16,) float32 in {d}/k3-weights/model_5.weights.h5",
+        1,
+    ),
+    "mixed formats": (
+        "k3-weights",
+        lambda d: shutil.copy(d.parent / "keras" / "model_1.keras", d / "model_0.keras"),
+        [],
+        "{d}/k3-weights/model_0.keras: mixed formats: keras here, keras-weights in "
+        "{d}/k3-weights/model_5.weights.h5",
+        1,
+    ),
+    "NaN": (
+        "k3-weights",
+        lambda d: edit(d / "model_3.weights.h5", set_first("layers/dense/vars/1", np.nan)),
+        [],
+        "{d}/k3-weights/model_3.weights.h5: layers/dense/vars/1: contains NaN or Inf "
+        "(pass --allow-nonfinite to average anyway)",
+        1,
+    ),
+    "Inf": (
+        "k3-weights",
+        lambda d: edit(d / "model_1.weights.h5", set_first("layers/dense/vars/0", np.inf)),
+        [],
+        "{d}/k3-weights/model_1.weights.h5: layers/dense/vars/0: contains NaN or Inf "
+        "(pass --allow-nonfinite to average anyway)",
+        1,
+    ),
+    "alpha zero": (
+        "k3-weights",
+        None,
+        ["--scheme", "exp", "--alpha", "0"],
+        "--alpha must be a positive number, got 0.0",
+        2,
+    ),
+    "alpha negative": (
+        "k3-weights",
+        None,
+        ["--scheme", "exp", "--alpha", "-1"],
+        "--alpha must be a positive number, got -1.0",
+        2,
+    ),
+    "last zero": ("k3-weights", None, ["--last", "0"], "--last must be at least 1, got 0", 2),
+    "wrong number of weights": (
+        "k3-weights",
+        None,
+        ["--weights", "1,2"],
+        "--weights gives 2 weights for 5 checkpoints",
+        2,
+    ),
+    "zero weight sum": (
+        "k3-weights",
+        None,
+        ["--weights", "0,0,0,0,0"],
+        "--weights must have a positive, finite sum",
+        2,
+    ),
+    "weights not numbers": (
+        "k3-weights",
+        None,
+        ["--weights", "a,b"],
+        "argument --weights: not a comma-separated list of numbers: 'a,b'",
+        2,
+    ),
+    "output is an input": (
+        "k3-weights",
+        None,
+        ["-o", "{d}/k3-weights/model_5.weights.h5", "--overwrite"],
+        "{d}/k3-weights/model_5.weights.h5: output is one of the inputs",
+        2,
+    ),
+    "output exists": (
+        "k3-weights",
+        lambda d: (d.parent / "taken.weights.h5").write_bytes(b"keep me"),
+        ["-o", "{d}/taken.weights.h5"],
+        "{d}/taken.weights.h5: already exists (pass --overwrite to replace it)",
+        2,
+    ),
+    "unknown option": ("k3-weights", None, ["--bogus"], "unrecognized arguments: --bogus", 2),
+}
+
+
+@pytest.mark.parametrize("name", list(BAD))
+def test_bad_input_gets_one_line_and_changes_nothing(checkpoints, tmp_path, capsys, name):
+    case, damage, extra, message, code = BAD[name]
+    d = tmp_path / "work"
+    d.mkdir()
+    shutil.copytree(checkpoints / "k3-weights-f16", d / "f16")
+    shutil.copytree(checkpoints / "k3-keras", d / "keras")
+    target = d / "nope"
+    if case == "empty":
+        target = d / "empty"
+        target.mkdir()
+    elif case:
+        target = Path(shutil.copytree(checkpoints / case, d / case))
+    if damage:
+        damage(target)
+    before = snapshot(d)
+    got = run(capsys, target, *[a.format(d=d) for a in extra])
+    assert got == (code, got[1], f"streamavg: error: {message.format(d=d)}\n")
+    assert snapshot(d) == before  # inputs untouched, no output, no temporary file
+
+
+def test_allow_nonfinite_averages_nan(case_copy, tmp_path, capsys):
+    d = case_copy("k3-weights")
+    edit(d / "model_3.weights.h5", set_first("layers/dense/vars/1", np.nan))
+    out = tmp_path / "avg.weights.h5"
+    assert run(capsys, d, "--allow-nonfinite", "-o", out)[0] == 0
+    with h5py.File(out) as f:
+        values = f["layers/dense/vars/1"][()]
+    assert np.isnan(values[0]) and np.isfinite(values[1:]).all()
+
+
+# -- normal runs ------------------------------------------------------------------------------
+
+
+def test_table_and_summary(case_copy, tmp_path, capsys):
+    d = case_copy("k3-weights")
+    out = tmp_path / "avg.weights.h5"
+    code, stdout, stderr = run(capsys, d, "--scheme", "linear", "-o", out)
+    lines = stdout.splitlines()
+    assert (code, stderr) == (0, "")
+    assert lines[:6] == [
+        "  #    weight  file",
+        *(f"{i:>3}  {i / 15:8.6f}  {d}/model_{i}.weights.h5" for i in range(1, 6)),
+    ]
+    assert re.fullmatch(
+        rf"averaged 5 files \(linear\) into {re.escape(str(out))} in \d+\.\d\d s, "
+        r"peak memory \d+ MB",
+        lines[6],
+    )
+    assert len(lines) == 7
+
+
+def test_quiet_prints_only_the_summary(case_copy, tmp_path, capsys):
+    d = case_copy("k3-weights")
+    code, stdout, stderr = run(capsys, d, "-q", "-o", tmp_path / "avg.weights.h5")
+    assert (code, stderr) == (0, "")
+    assert len(stdout.splitlines()) == 1 and stdout.startswith("averaged 5 files (equal) into ")
+
+
+def test_default_output_is_not_picked_up_by_a_later_scan(case_copy, capsys):
+    d = case_copy("k3-keras")
+    assert run(capsys, d, "--scheme", "exp")[0] == 0
+    out = d / "averaged" / "model_5.avg-exp-n5.keras"
+    code, stdout, _ = run(capsys, d, "--scheme", "exp", "--overwrite")
+    assert code == 0 and out.is_file()
+    assert stdout.count(".keras\n") == 5 and f"into {out} in " in stdout
+    assert sorted(p.name for p in out.parent.iterdir()) == [out.name]  # no temporary left
+
+
+def test_natural_order_and_provenance(case_copy, tmp_path, capsys):
+    d = case_copy("k3-keras")
+    for i, p in enumerate(files(d), start=8):  # model_8 .. model_12: 10 and up sort after 9
+        p.rename(d / f"model_{i}.keras")
+    out = tmp_path / "avg.keras"
+    assert run(capsys, d, "--scheme", "linear", "-o", out)[0] == 0
+    with Checkpoint(out) as ck:
+        provenance = json.loads(ck.h5.attrs["streamavg"])
+    assert provenance == {
+        "streamavg": __version__,
+        "scheme": "linear",
+        "optimizer": "drop",
+        "files": [f"model_{i}.keras" for i in range(8, 13)],
+        "weights": scheme_weights("linear", 5).tolist(),
+    }
+
+
+def test_epochs_then_last(case_copy, tmp_path, capsys):
+    d = case_copy("k2-weights")
+    out = tmp_path / "avg.h5"
+    code, stdout, _ = run(capsys, d, "--epochs", "2:4", "--last", "2", "-o", out)
+    assert code == 0
+    assert [line.split()[-1] for line in stdout.splitlines()[1:3]] == [
+        f"{d}/weights_03.h5",
+        f"{d}/weights_04.h5",
+    ]
+
+
+def test_names_without_numbers_fall_back_to_mtime(case_copy, tmp_path, capsys):
+    d = case_copy("k3-keras")
+    for name, p in zip(["zeta", "alpha", "mid"], files(d)[:3], strict=True):
+        p.rename(d / f"{name}.keras")
+    for p in files(d)[:2]:  # two of the numbered ones go
+        p.unlink()
+    code, _, stderr = run(capsys, d, "-o", tmp_path / "avg.keras")
+    assert code == 0
+    assert stderr == (
+        "streamavg: note: file names carry no epoch number; ordered by modification time\n"
+    )
+
+
+def test_optimizer_state_dropped_or_kept(case_copy, tmp_path, capsys):
+    d = case_copy("k3-h5")
+    drop, keep = tmp_path / "drop.h5", tmp_path / "keep.h5"
+    assert (
+        run(capsys, d, "-o", drop)[0] == run(capsys, d, "-o", keep, "--optimizer", "newest")[0] == 0
+    )
+    with h5py.File(drop) as f:
+        assert "optimizer_weights" not in f and "model_weights" in f
+        assert dict(f.attrs)["model_config"] == h5py.File(files(d)[-1]).attrs["model_config"]
+    with h5py.File(keep) as f, h5py.File(files(d)[-1]) as newest:
+        kept = []
+        newest["optimizer_weights"].visititems(
+            lambda n, o: kept.append(n) if isinstance(o, h5py.Dataset) else None
+        )
+        for name in kept:
+            assert np.array_equal(
+                f["optimizer_weights"][name][()], newest["optimizer_weights"][name][()]
+            )
+        assert kept
+
+
+# -- inspect and entry points ----------------------------------------------------------------
+
+
+def test_inspect_recognises_content_not_extension(checkpoints, tmp_path, capsys):
+    disguised = tmp_path / "model.h5"
+    shutil.copy(files(checkpoints / "k3-keras")[0], disguised)
+    code, stdout, _ = run(capsys, "inspect", disguised)
+    lines = stdout.splitlines()
+    assert code == 0
+    assert re.fullmatch(rf"{re.escape(str(disguised))}: keras, [\d,]+ bytes of weights", lines[0])
+    assert lines[1].split() == ["part", "tensor", "shape", "dtype", "bytes"]
+    assert "model      layers/dense/vars/0" in stdout and "(6, 16)" in stdout
+    assert "optimizer  optimizer/vars/0" in stdout
+    assert lines[-2:] == [line for line in lines if line.startswith(("model:", "optimizer:"))]
+
+
+def test_python_m_streamavg_imports_no_tensorflow(checkpoints, tmp_path):
+    args = [str(checkpoints / "k3-keras"), "-q", "-o", str(tmp_path / "a.keras")]
+    code = (
+        f"import sys; from streamavg.cli import main; rc = main({args!r}); "
+        "print(rc, sorted(m for m in sys.modules if m.split('.')[0] in "
+        "('tensorflow', 'keras', 'tf_keras', 'torch', 'jax')))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.splitlines()[-1] == "0 []"
+
+
+def test_entry_points():
+    for command in (
+        [sys.executable, "-m", "streamavg"],
+        [str(Path(sys.executable).parent / "streamavg")],
+    ):
+        out = subprocess.run([*command, "--version"], capture_output=True, text=True)
+        assert (out.returncode, out.stdout) == (0, f"streamavg {__version__}\n")
+        out = subprocess.run(command, capture_output=True, text=True)
+        assert (out.returncode, out.stderr) == (
+            2,
+            "streamavg: error: the following arguments are required: PATH\n",
+        )
