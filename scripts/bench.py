@@ -19,6 +19,7 @@ from pathlib import Path
 SCRIPTS = Path(__file__).resolve().parent
 IN_DIM, OUT_DIM, HIDDEN = 32, 10, 4
 METHODS = ("tutorial", "read-floor", "streamavg")
+# The floor reads what streamavg averages: every float tensor of the model part, once.
 READ_FLOOR = """
 import pathlib, sys
 import h5py
@@ -29,7 +30,7 @@ def read(name, obj):
 
 for path in sorted(pathlib.Path(sys.argv[1]).iterdir()):
     with h5py.File(path, "r") as f:
-        f.visititems(read)
+        f["model_weights"].visititems(read)
 """
 
 

@@ -27,32 +27,38 @@ Write = Callable[[Tensor, "slice | tuple", np.ndarray], None]
 
 
 def open_all(paths: Sequence, stack: ExitStack) -> list[Checkpoint]:
-    """Open every checkpoint (metadata only) and check that their model parts agree."""
-    checkpoints = [stack.enter_context(Checkpoint(p)) for p in paths]
-    validate(checkpoints)
-    return checkpoints
+    """Open every checkpoint (metadata only), each checked against the newest as it comes.
+
+    An older checkpoint whose model can be read straight from its file lets go of its
+    HDF5 handle at once, so memory stays flat however many checkpoints there are.
+    """
+    newest = stack.enter_context(Checkpoint(paths[-1]))
+    older = []
+    for path in paths[:-1]:
+        ck = stack.enter_context(Checkpoint(path))
+        check_matches(ck, newest)
+        ck.drop_hdf5()
+        older.append(ck)
+    return [*older, newest]
 
 
-def validate(checkpoints: Sequence[Checkpoint]) -> None:
-    """Require one format and the same model tensor names, shapes and dtypes everywhere."""
-    ref = checkpoints[-1]
-    want = model_tensors(ref)
-    for ck in checkpoints[:-1]:
-        if ck.format != ref.format:
+def check_matches(ck: Checkpoint, ref: Checkpoint) -> None:
+    """Require the format, model tensor names, shapes and dtypes of `ref`."""
+    if ck.format != ref.format:
+        raise StreamavgError(
+            f"{ck.path}: mixed formats: {ck.format} here, {ref.format} in {ref.path}"
+        )
+    want, have = model_tensors(ref), model_tensors(ck)
+    for name in want.keys() - have.keys():
+        raise StreamavgError(f"{ck.path}: {name}: missing (present in {ref.path})")
+    for name in have.keys() - want.keys():
+        raise StreamavgError(f"{ck.path}: {name}: not in {ref.path}")
+    for name, t in have.items():
+        r = want[name]
+        if (t.shape, t.dtype) != (r.shape, r.dtype):
             raise StreamavgError(
-                f"{ck.path}: mixed formats: {ck.format} here, {ref.format} in {ref.path}"
+                f"{ck.path}: {name}: {_describe(t)} here, {_describe(r)} in {ref.path}"
             )
-        have = model_tensors(ck)
-        for name in want.keys() - have.keys():
-            raise StreamavgError(f"{ck.path}: {name}: missing (present in {ref.path})")
-        for name in have.keys() - want.keys():
-            raise StreamavgError(f"{ck.path}: {name}: not in {ref.path}")
-        for name, t in have.items():
-            r = want[name]
-            if (t.shape, t.dtype) != (r.shape, r.dtype):
-                raise StreamavgError(
-                    f"{ck.path}: {name}: {_describe(t)} here, {_describe(r)} in {ref.path}"
-                )
 
 
 def model_tensors(ck: Checkpoint) -> dict[str, Tensor]:

@@ -223,7 +223,9 @@ class Checkpoint:
         tensor = Tensor(name, ds.shape, logical_dtype(ds), _part(self.format, name), ds.dtype)
         self.tensors[name] = tensor
         self._datasets[name] = ds
-        contiguous = ds.shape and ds.id.get_create_plist().get_layout() == h5py.h5d.CONTIGUOUS
+        contiguous = (
+            ds.shape is not None and ds.id.get_create_plist().get_layout() == h5py.h5d.CONTIGUOUS
+        )
         if tensor.part != "model" or not contiguous or not tensor.nbytes:
             return
         offset = ds.id.get_offset()
@@ -235,6 +237,8 @@ class Checkpoint:
     def read(self, name: str, rows: slice | tuple, out: np.ndarray) -> None:
         """Read `rows` of tensor `name` into `out` (stored dtype); failures name file and tensor."""
         offset = self._offsets.get(name)
+        if not out.nbytes:
+            return
         try:
             if offset is None:
                 self._datasets[name].read_direct(out, source_sel=rows)
@@ -245,6 +249,12 @@ class Checkpoint:
                 raise OSError("unexpected end of file")
         except (OSError, RuntimeError, TypeError) as e:
             raise StreamavgError(f"{self.path}: {name}: unreadable ({_reason(e)})") from None
+
+    def drop_hdf5(self) -> None:
+        """Close the HDF5 handle if every model tensor can be read straight from the file."""
+        if all(n in self._offsets for n, t in self.tensors.items() if t.averaged and t.nbytes):
+            self.h5.close()
+            self._datasets.clear()
 
     def _close_member(self) -> None:
         if self._member is not None:
