@@ -372,3 +372,17 @@ def test_entry_points():
             2,
             "streamavg: error: the following arguments are required: PATH\n",
         )
+
+
+def test_truncated_hdf5_is_rejected_before_any_output(case_copy, capsys):
+    d = case_copy("k2-h5")
+    victim = d / "model_03.h5"
+    size = victim.stat().st_size
+    truncate(victim)
+    before = snapshot(d)
+    assert run(capsys, d)[::2] == (
+        1,
+        f"streamavg: error: {victim}: corrupt HDF5 (truncated file: eof = {size // 2}, "
+        f"sblock->base_addr = 0, stored_eof = {size})\n",
+    )
+    assert snapshot(d) == before
