@@ -386,3 +386,22 @@ def test_truncated_hdf5_is_rejected_before_any_output(case_copy, capsys):
         f"sblock->base_addr = 0, stored_eof = {size})\n",
     )
     assert snapshot(d) == before
+
+
+def test_chunked_compressed_checkpoints_average_like_contiguous_ones(case_copy, tmp_path, capsys):
+    """Keras writes contiguous data, read straight from the file; other layouts go via h5py."""
+    d = case_copy("k3-weights")
+    packed = tmp_path / "packed"
+    packed.mkdir()
+    for p in files(d):
+        with h5py.File(p) as src, h5py.File(packed / p.name, "w") as dst:
+            for name in Checkpoint(p, optimizer=True).tensors:
+                data = src[name][()]
+                chunked = {"chunks": data.shape, "compression": "gzip"} if data.ndim else {}
+                dst.create_dataset(name, data=data, **chunked)
+    a, b = tmp_path / "a.weights.h5", tmp_path / "b.weights.h5"
+    assert run(capsys, d, "-o", a)[0] == run(capsys, packed, "-o", b)[0] == 0
+    with h5py.File(a) as fa, h5py.File(b) as fb:
+        assert fb["layers/dense/vars/0"].compression == "gzip"
+        for name in ("layers/dense/vars/0", "layers/dense_1/vars/1"):
+            assert np.array_equal(fa[name][()], fb[name][()])
