@@ -22,7 +22,7 @@ from ._version import __version__
 from .engine import fold, model_tensors, open_all
 from .errors import UsageError
 from .formats import SUFFIXES, Checkpoint, Tensor
-from .output import atomic_output, check_output, default_output, h5_like, pack_keras
+from .output import atomic_output, check_output, default_output, h5_like, weights_file
 from .schemes import scheme_weights
 from .select import select_checkpoints
 
@@ -96,9 +96,7 @@ def run(
             "weights": list(p.weights),
         }
         tmp = stack.enter_context(atomic_output(dest, overwrite))
-        h5_path = tmp
-        if newest.format == "keras":
-            h5_path = Path(stack.enter_context(_temp_beside(dest, ".weights.h5")).name)
+        h5_path = stack.enter_context(weights_file(newest, tmp))
         with h5_like(
             newest,
             h5_path,
@@ -119,13 +117,7 @@ def run(
                 allow_nonfinite=allow_nonfinite,
                 progress=progress,
             )
-        if newest.format == "keras":
-            pack_keras(newest, h5_path, tmp)
     return Result(dest, p.files, p.weights)
-
-
-def _temp_beside(dest: Path, suffix: str):
-    return tempfile.NamedTemporaryFile(dir=dest.parent, prefix=f".{dest.name}.", suffix=suffix)
 
 
 def average(

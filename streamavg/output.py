@@ -121,7 +121,19 @@ def _copy_attrs(src: h5py.HLObject, dst: h5py.HLObject) -> None:
         dst.attrs.create(key, src.attrs[key], dtype=src.attrs.get_id(key).dtype)
 
 
-def pack_keras(template: Checkpoint, weights_file: Path, dest: Path) -> None:
+@contextmanager
+def weights_file(template: Checkpoint, dest: Path) -> Iterator[Path]:
+    """Where the HDF5 weights go: `dest` itself, or for a `.keras` archive a temporary file
+    beside it, packed into `dest` with the template's other members once written."""
+    if template.format != "keras":
+        yield dest
+        return
+    with tempfile.NamedTemporaryFile(dir=dest.parent, prefix=dest.name, suffix=".h5") as h5:
+        yield Path(h5.name)
+        _pack_keras(template, Path(h5.name), dest)
+
+
+def _pack_keras(template: Checkpoint, weights_file: Path, dest: Path) -> None:
     """Write a `.keras` archive: the template's members, with `weights_file` as its weights."""
     with zipfile.ZipFile(template.path) as src, zipfile.ZipFile(dest, "w") as out:
         for info in src.infolist():

@@ -34,25 +34,20 @@ def load(case: str, path: Path):
     """Load a checkpoint into a model the way a user would, with the Keras that wrote it."""
     if case in KERAS3:
         policy, pattern = KERAS3[case]
-        keras.config.set_dtype_policy(policy)
-        try:
-            if pattern.endswith(".weights.h5"):
-                model = build(keras, data()[0])
-                model.load_weights(str(path))
-                return model
-            return keras.models.load_model(str(path), compile=False)
-        finally:
-            keras.config.set_dtype_policy("float32")
-    policy, _, weights_only = KERAS2[case]
-    tf_keras.mixed_precision.set_global_policy(policy)
+        module, set_policy = keras, keras.config.set_dtype_policy
+        weights_only = pattern.endswith(".weights.h5")
+    else:
+        policy, _, weights_only = KERAS2[case]
+        module, set_policy = tf_keras, tf_keras.mixed_precision.set_global_policy
+    set_policy(policy)
     try:
         if weights_only:
-            model = build(tf_keras, data()[0])
+            model = build(module, data()[0])
             model.load_weights(str(path))
             return model
-        return tf_keras.models.load_model(str(path), compile=False)
+        return module.models.load_model(str(path), compile=False)
     finally:
-        tf_keras.mixed_precision.set_global_policy("float32")
+        set_policy("float32")
 
 
 @cache

@@ -149,12 +149,14 @@ def test_epochs_need_numbers(tmp_path):
 # -- modification-time fallback -----------------------------------------------------------
 
 
-def test_names_without_numbers_use_mtime(tmp_path):
-    touch(tmp_path, "final.keras", mtime=1_000_000)
-    touch(tmp_path, "best.keras", mtime=2_000_000)
-    touch(tmp_path, "last.keras", mtime=3_000_000)
+@pytest.mark.parametrize("suffix", [".keras", ".h5", ".weights.h5", ".hdf5"])
+def test_names_without_numbers_use_mtime(tmp_path, suffix):
+    """The "5" in ".h5" is no epoch number: these names carry none."""
+    names = [f"final{suffix}", f"best{suffix}", f"last{suffix}"]
+    for i, name in enumerate(names, start=1):
+        touch(tmp_path, name, mtime=i * 1_000_000)
     selection = select_checkpoints([tmp_path])
-    assert [p.name for p in selection.paths] == ["final.keras", "best.keras", "last.keras"]
+    assert [p.name for p in selection.paths] == names
     assert selection.by_mtime is True
 
 
@@ -164,15 +166,6 @@ def test_numbered_names_ignore_mtime(tmp_path):
     selection = select_checkpoints([tmp_path])
     assert [p.name for p in selection.paths] == ["model_1.keras", "model_2.keras"]
     assert selection.by_mtime is False
-
-
-def test_h5_names_without_numbers_use_mtime(tmp_path):
-    touch(tmp_path, "final.h5", mtime=1_000_000)
-    touch(tmp_path, "best.h5", mtime=2_000_000)
-    touch(tmp_path, "last.h5", mtime=3_000_000)
-    selection = select_checkpoints([tmp_path])
-    assert [p.name for p in selection.paths] == ["final.h5", "best.h5", "last.h5"]
-    assert selection.by_mtime is True
 
 
 # -- errors -------------------------------------------------------------------------------
