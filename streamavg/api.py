@@ -12,9 +12,8 @@ import os
 import tempfile
 from collections.abc import Iterable, Sequence
 from contextlib import ExitStack
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -29,8 +28,7 @@ from .select import select_checkpoints
 OPTIMIZER_POLICIES = ("drop", "newest")
 
 
-@dataclass(frozen=True)
-class Plan:
+class Plan(NamedTuple):
     """What to average: checkpoints oldest first, their normalised weights, and how."""
 
     files: tuple[Path, ...]
@@ -40,8 +38,7 @@ class Plan:
     by_mtime: bool = False
 
 
-@dataclass(frozen=True)
-class Result:
+class Result(NamedTuple):
     """What was written (None when averaged in memory or loaded into a model), from what."""
 
     output: Path | None

@@ -8,15 +8,14 @@ Nothing here builds a model or imports Keras.
 from __future__ import annotations
 
 import io
+import math
 import os
 import struct
 import zipfile
-from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, NamedTuple
 
 import h5py
-import ml_dtypes
 import numpy as np
 
 from .errors import StreamavgError
@@ -40,8 +39,7 @@ OPTIMIZER_GROUP = {
 _MODEL_GROUP = {"legacy-h5": "model_weights"}
 
 
-@dataclass(frozen=True)
-class Tensor:
+class Tensor(NamedTuple):
     """One stored tensor. `dtype` is the logical dtype (bfloat16 for Keras's opaque 2-byte data)."""
 
     name: str
@@ -57,14 +55,16 @@ class Tensor:
 
     @property
     def nbytes(self) -> int:
-        return int(np.prod(self.shape, dtype=np.int64)) * self.dtype.itemsize
+        return math.prod(self.shape) * self.dtype.itemsize
 
 
-def logical_dtype(ds: h5py.Dataset) -> np.dtype:
+def logical_dtype(stored: np.dtype) -> np.dtype:
     """The dtype Keras meant: untagged 2-byte opaque data is bfloat16 in every Keras format."""
-    if ds.dtype.kind == "V" and ds.dtype.itemsize == 2 and ds.dtype.names is None:
+    if stored.kind == "V" and stored.itemsize == 2 and stored.names is None:
+        import ml_dtypes  # only where there is bfloat16 to read
+
         return np.dtype(ml_dtypes.bfloat16)
-    return ds.dtype
+    return stored
 
 
 class _Window(io.RawIOBase):
@@ -194,7 +194,7 @@ class Checkpoint:
             raise StreamavgError(f"{self.path}: HDF5 file holds no Keras weights")
         self.format = fmt
         self.tensors: dict[str, Tensor] = {}
-        self._datasets: dict[str, h5py.Dataset] = {}
+        self._datasets: dict[str, h5py.h5d.DatasetID] = {}
         self._offsets: dict[str, int] = {}  # absolute file offsets of contiguous native data
         skip = None if optimizer else OPTIMIZER_GROUP.get(fmt)
         try:
@@ -217,21 +217,22 @@ class Checkpoint:
         for raw in names:
             name = raw.decode()
             if name.split("/", 1)[0] != skip:
-                self._add(name, h5py.Dataset(h5py.h5d.open(self.h5.id, raw)))
+                self._add(name, h5py.h5d.open(self.h5.id, raw))
 
-    def _add(self, name: str, ds: h5py.Dataset) -> None:
-        tensor = Tensor(name, ds.shape, logical_dtype(ds), _part(self.format, name), ds.dtype)
+    def _add(self, name: str, dsid: h5py.h5d.DatasetID) -> None:
+        stored, shape = dsid.dtype, dsid.shape
+        tensor = Tensor(name, shape, logical_dtype(stored), _part(self.format, name), stored)
         self.tensors[name] = tensor
-        self._datasets[name] = ds
+        self._datasets[name] = dsid
         contiguous = (
-            ds.shape is not None and ds.id.get_create_plist().get_layout() == h5py.h5d.CONTIGUOUS
+            shape is not None and dsid.get_create_plist().get_layout() == h5py.h5d.CONTIGUOUS
         )
         if tensor.part != "model" or not contiguous or not tensor.nbytes:
             return
-        offset = ds.id.get_offset()
+        offset = dsid.get_offset()
         if offset is None or offset + tensor.nbytes > self.size:
             raise StreamavgError(f"{self.path}: {name}: data is missing (truncated file?)")
-        if self._fd is not None and ds.dtype.isnative:
+        if self._fd is not None and stored.isnative:
             self._offsets[name] = self._base + offset
 
     def read(self, name: str, rows: slice | tuple, out: np.ndarray) -> None:
@@ -241,7 +242,7 @@ class Checkpoint:
             return
         try:
             if offset is None:
-                self._datasets[name].read_direct(out, source_sel=rows)
+                h5py.Dataset(self._datasets[name]).read_direct(out, source_sel=rows)
                 return
             if rows != ():
                 offset += rows.start * (out.nbytes // len(out))

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 from .errors import StreamavgError, UsageError
 
@@ -17,8 +17,7 @@ CHECKPOINT_SUFFIXES = (".keras", ".h5", ".hdf5")
 _NUMBER = re.compile(r"(\d+)")
 
 
-@dataclass(frozen=True)
-class Selection:
+class Selection(NamedTuple):
     """Checkpoints oldest first; `by_mtime` says the names carried no order."""
 
     paths: tuple[Path, ...]
