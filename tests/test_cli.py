@@ -51,6 +51,12 @@ def reshape(f: h5py.File) -> None:
     f["layers/dense/vars/1"] = np.zeros(8, "float32")
 
 
+def unwritten(f: h5py.File) -> None:
+    """A dataset whose data was never written: HDF5 would read it back as zeros."""
+    del f["layers/dense/vars/1"]
+    f.create_dataset("layers/dense/vars/1", (16,), "float32")
+
+
 def not_keras(path: Path) -> None:
     with h5py.File(path, "w") as f:
         f["x"] = np.zeros(3)
@@ -106,6 +112,13 @@ BAD = {
         [],
         "{d}/k3-weights/model_2.weights.h5: layers/dense/vars/1: missing "
         "(present in {d}/k3-weights/model_5.weights.h5)",
+        1,
+    ),
+    "tensor data never written": (
+        "k3-weights",
+        lambda d: edit(d / "model_4.weights.h5", unwritten),
+        [],
+        "{d}/k3-weights/model_4.weights.h5: layers/dense/vars/1: data is missing (truncated file?)",
         1,
     ),
     "shape mismatch": (
@@ -405,3 +418,18 @@ def test_chunked_compressed_checkpoints_average_like_contiguous_ones(case_copy, 
         assert fb["layers/dense/vars/0"].compression == "gzip"
         for name in ("layers/dense/vars/0", "layers/dense_1/vars/1"):
             assert np.array_equal(fa[name][()], fb[name][()])
+
+
+def test_explicit_weights_on_the_newest_reproduce_it(case_copy, tmp_path, capsys):
+    d = case_copy("k3-keras")
+    out = tmp_path / "avg.keras"
+    assert run(capsys, d, "--weights", "0,0,0,0,2", "-o", out)[0] == 0
+    with Checkpoint(out) as avg, Checkpoint(files(d)[-1]) as newest:
+        assert json.loads(avg.h5.attrs["streamavg"])["weights"] == [0, 0, 0, 0, 1]
+        for name in newest.tensors:
+            assert np.array_equal(avg.h5[name][()], newest.h5[name][()]), name
+    with zipfile.ZipFile(out) as a, zipfile.ZipFile(files(d)[-1]) as b:
+        assert a.namelist() == b.namelist()
+        for member in ("config.json", "metadata.json"):
+            assert a.read(member) == b.read(member)
+        assert a.getinfo("model.weights.h5").compress_type == zipfile.ZIP_STORED
