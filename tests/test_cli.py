@@ -8,6 +8,7 @@ import shutil
 import subprocess
 import sys
 import zipfile
+from contextlib import suppress
 from pathlib import Path
 
 import h5py
@@ -433,3 +434,30 @@ def test_explicit_weights_on_the_newest_reproduce_it(case_copy, tmp_path, capsys
         for member in ("config.json", "metadata.json"):
             assert a.read(member) == b.read(member)
         assert a.getinfo("model.weights.h5").compress_type == zipfile.ZIP_STORED
+
+
+def test_progress_bar_on_a_terminal_only(checkpoints, tmp_path):
+    """tqdm over bytes read on a terminal; nothing on a pipe (the other tests), or with -q."""
+    import fcntl
+    import os
+    import pty
+    import struct
+    import termios
+
+    def stderr_on_a_terminal(*extra: str) -> str:
+        leader, follower = pty.openpty()
+        fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))
+        out = tmp_path / f"avg{len(extra)}.keras"
+        args = [sys.executable, "-m", "streamavg", str(checkpoints / "k3-keras"), "-o", str(out)]
+        subprocess.run([*args, *extra], stderr=follower, stdout=subprocess.DEVNULL, check=True)
+        os.close(follower)
+        text = b""
+        with suppress(OSError):  # EIO once the closed terminal is drained
+            while chunk := os.read(leader, 1 << 16):
+                text += chunk
+        os.close(leader)
+        return text.decode()
+
+    shown = stderr_on_a_terminal()
+    assert "averaging: 100%" in shown and "B/s" in shown
+    assert stderr_on_a_terminal("-q") == ""
