@@ -39,14 +39,15 @@ def check_output(dest: Path, inputs: Collection[Path], overwrite: bool) -> None:
 
 
 @contextmanager
-def atomic_output(dest: Path, overwrite: bool) -> Iterator[Path]:
+def atomic_output(dest: Path, overwrite: bool, suffix: str = ".tmp") -> Iterator[Path]:
     """Yield a temporary path beside `dest`; durably rename it onto `dest` if the block succeeds.
 
-    On failure the temporary file goes, and so do the directories made for `dest`.
+    On failure the temporary file goes, and so do the directories made for `dest`. The
+    temporary name ends with `suffix`, for writers that insist on one (Keras's save_weights).
     """
     made = [d for d in (dest.parent, *dest.parent.parents) if not d.exists()]
     dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".tmp")
+    fd, name = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=suffix)
     os.close(fd)
     tmp = Path(name)
     try:

@@ -1,0 +1,11 @@
+"""Keras callbacks that average weights during training (imports Keras; the CLI never does).
+
+>>> from streamavg.callbacks import EMA  # doctest: +SKIP
+>>> model.fit(x, y, validation_data=val, callbacks=[EMA(decay=0.999)])  # doctest: +SKIP
+"""
+
+from .batchnorm import recalibrate_batchnorm
+from .ema import EMA
+from .window_average import WindowAverage
+
+__all__ = ["EMA", "WindowAverage", "recalibrate_batchnorm"]

@@ -1,0 +1,317 @@
+"""What EMA and WindowAverage share: one shadow copy of the weights, folded, shown and saved.
+
+Both keep a running weighted average in a single shadow copy: each fold moves it by a
+`share` towards the model's current weights, ``shadow <- shadow + share * (w - shadow)``,
+which is ``(1 - share) * shadow + share * w``. They differ only in when they fold and by
+how much: EMA after every optimizer step with ``share = 1 - decay``, WindowAverage once
+per epoch with the newest epoch's weight under the offline scheme.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import h5py
+import keras
+import numpy as np
+from keras import ops
+
+from .._version import __version__
+from ..output import atomic_output
+
+VALIDATE = ("average", "raw", "both")
+FINAL_WEIGHTS = ("average", "raw")
+NON_TRAINABLE = ("average", "copy")
+STATE_ATTR = "streamavg_state"
+
+
+def _choice(name: str, value: str, allowed: tuple[str, ...]) -> str:
+    if value not in allowed:
+        raise ValueError(f"{name} must be one of {', '.join(map(repr, allowed))}; got {value!r}")
+    return value
+
+
+class Averager(keras.callbacks.Callback):
+    """Base class: the shadow weights and everything done with them around `fit`.
+
+    Subclasses decide when to call `_fold` and by what share, and name their counters.
+    """
+
+    def __init__(
+        self,
+        *,
+        validate: str = "average",
+        swap_on_epoch: bool = True,
+        final_weights: str = "average",
+        non_trainable: str = "average",
+        save_freq: str | int = "epoch",
+        state_path: str | Path | None = None,
+        weights_path: str | Path | None = None,
+        name: str = "ema",
+    ):
+        super().__init__()
+        self.validate = _choice("validate", validate, VALIDATE)
+        self.swap_on_epoch = bool(swap_on_epoch)
+        self.final_weights = _choice("final_weights", final_weights, FINAL_WEIGHTS)
+        self.non_trainable = _choice("non_trainable", non_trainable, NON_TRAINABLE)
+        if save_freq != "epoch" and not (
+            isinstance(save_freq, int) and not isinstance(save_freq, bool) and save_freq > 0
+        ):
+            raise ValueError(f"save_freq must be 'epoch' or a positive int; got {save_freq!r}")
+        self.save_freq = save_freq
+        self.state_path = Path(state_path) if state_path is not None else None
+        if weights_path is not None and not str(weights_path).endswith(".weights.h5"):
+            raise ValueError(f"weights_path must end in .weights.h5; got {str(weights_path)!r}")
+        self.weights_path = weights_path
+        if not name.isidentifier():
+            raise ValueError(f"name must be an identifier, used in metric names; got {name!r}")
+        self.name = name
+        self._tracked: list | None = None  # the model variables averaged
+        self._shadow: list = []
+        self._raw: list | None = None  # the raw weights, while the model shows the average
+        self._resume = False  # set by on_train_begin: resume or start at the first epoch
+        self._started = False
+        self._epoch = 0
+        self._batches = 0  # since the last save, when saving every `save_freq` batches
+        if isinstance(save_freq, int) and (state_path or weights_path):
+            # Bound here only: a class-level batch hook would stop Keras dispatching every
+            # callback's batch hooks asynchronously, and slow down all other fits.
+            self.on_train_batch_end = self._save_every
+
+    # -- the shadow ------------------------------------------------------------------
+
+    def _build(self) -> None:
+        """Create the shadow variables (float32 at least) from the model's current weights."""
+        model = self.model
+        tracked = list(model.trainable_variables)
+        if self.non_trainable == "average":
+            floats = [v for v in model.non_trainable_variables if _is_float(v.dtype)]
+            tracked += floats
+        self._tracked = tracked
+        self._shadow = [
+            keras.Variable(
+                ops.cast(v, _shadow_dtype(v.dtype)),
+                dtype=_shadow_dtype(v.dtype),
+                trainable=False,
+                name=f"{self.name}_{v.name}",
+            )
+            for v in tracked
+        ]
+
+    def _fold(self, share) -> None:
+        """Move the shadow by `share` towards the model's weights, on the weights' device."""
+        for s, v in zip(self._shadow, self._tracked, strict=True):
+            w = ops.cast(v, s.dtype)
+            if not isinstance(share, float):
+                s.assign(s + ops.cast(share, s.dtype) * (w - s))
+            elif share == 1.0:
+                s.assign(w)  # an exact copy, where the general form could be 1 ulp off
+            else:
+                s.assign(s + share * (w - s))
+
+    def averaged_weights(self) -> dict[str, np.ndarray]:
+        """The shadow, by variable path, in float32 (float64 for float64 variables)."""
+        pairs = zip(self._shadow, self._tracked, strict=True)
+        return {v.path: ops.convert_to_numpy(s) for s, v in pairs}
+
+    def _ready(self) -> bool:
+        """Whether the shadow holds an average yet."""
+        return self._tracked is not None
+
+    # -- showing the average in the model --------------------------------------------
+
+    def _show_average(self) -> None:
+        if self._raw is not None or not self._ready():
+            return
+        self._raw = [ops.copy(v.value) for v in self._tracked]
+        for s, v in zip(self._shadow, self._tracked, strict=True):
+            v.assign(ops.cast(s, v.dtype))
+
+    def _show_raw(self) -> None:
+        if self._raw is None:
+            return
+        for r, v in zip(self._raw, self._tracked, strict=True):
+            v.assign(r)
+        self._raw = None
+
+    def _holds_average(self) -> bool:
+        return all(
+            bool(ops.all(ops.equal(v, ops.cast(s, v.dtype))))
+            for s, v in zip(self._shadow, self._tracked, strict=True)
+        )
+
+    @contextmanager
+    def swapped(self) -> Iterator[None]:
+        """Show the averaged weights in the model for the block, then restore the raw ones.
+
+        The raw weights are copied aside and written back, so they return bit-exact, even
+        when the block raises.
+
+        >>> with ema.swapped():  # doctest: +SKIP
+        ...     model.evaluate(x_val, y_val)
+        """
+        shown_before = self._raw is not None
+        self._show_average()
+        try:
+            yield
+        finally:
+            if not shown_before:
+                self._show_raw()
+
+    # -- saving ----------------------------------------------------------------------
+
+    def save_weights(self, path: str | Path) -> None:
+        """Write the averaged weights atomically as a `.weights.h5` that `load_weights` reads."""
+        path = Path(path)
+        with self.swapped(), atomic_output(path, overwrite=True, suffix=".weights.h5") as tmp:
+            self.model.save_weights(tmp, overwrite=True)
+
+    def save_state(self, path: str | Path) -> None:
+        """Write the shadow, the counters and the configuration atomically, for `load_state`."""
+        state = {
+            "streamavg": __version__,
+            "kind": type(self).__name__,
+            "config": self._config(),
+            "counters": self._counters(),
+            "optimizer_step": self._optimizer_step(),
+        }
+        with atomic_output(Path(path), overwrite=True) as tmp, h5py.File(tmp, "w") as f:
+            f.attrs[STATE_ATTR] = json.dumps(state)
+            for s, v in zip(self._shadow, self._tracked, strict=True):
+                f.create_dataset(v.path, data=ops.convert_to_numpy(s))
+
+    def load_state(self, path: str | Path) -> None:
+        """Resume from `save_state`'s file; the model must be at the optimizer step it was saved at.
+
+        Raises ValueError, naming the file, if it was written for another configuration,
+        model or point of training.
+        """
+        if self._tracked is None:
+            self._build()
+        with h5py.File(path, "r") as f:
+            state = json.loads(f.attrs[STATE_ATTR])
+            mine = {"kind": type(self).__name__, "config": self._config()}
+            saved = {"kind": state["kind"], "config": state["config"]}
+            if saved != mine:
+                raise ValueError(f"{path}: saved by {saved}, but this callback is {mine}")
+            step = self._optimizer_step()
+            if state["optimizer_step"] != step:
+                raise ValueError(
+                    f"{path}: saved at optimizer step {state['optimizer_step']}, but the model "
+                    f"is at step {step}; restore the matching weights first (for example with "
+                    "keras.callbacks.BackupAndRestore) or remove the file to start afresh"
+                )
+            values = []
+            for s, v in zip(self._shadow, self._tracked, strict=True):
+                data = f.get(v.path)
+                if not isinstance(data, h5py.Dataset) or data.shape != tuple(s.shape):
+                    raise ValueError(f"{path}: {v.path}: missing or of another shape")
+                values.append(data[()])
+        for s, value in zip(self._shadow, values, strict=True):
+            s.assign(value)
+        self._set_counters(state["counters"])
+
+    def _optimizer_step(self) -> int | None:
+        optimizer = getattr(self.model, "optimizer", None)
+        return None if optimizer is None else int(ops.convert_to_numpy(optimizer.iterations))
+
+    def _save(self, epoch: int, logs: dict | None) -> None:
+        if self.state_path is not None:
+            self.save_state(self.state_path)
+        if self.weights_path is not None:
+            self.save_weights(str(self.weights_path).format(epoch=epoch + 1, **(logs or {})))
+
+    def _save_every(self, batch: int, logs: dict | None = None) -> None:
+        self._batches += 1
+        if self._batches >= self.save_freq:
+            self._batches = 0
+            self._save(self._epoch, logs)
+
+    # -- the fit lifecycle -----------------------------------------------------------
+
+    def on_train_begin(self, logs=None):
+        if self._tracked is None:
+            self._build()
+        if self._raw is not None:  # the average was left in the model by the last fit
+            if self._holds_average():
+                self._show_raw()
+            else:
+                self._raw = None  # someone replaced the weights since: train from theirs
+        self._resume = True
+        if self.validate != "raw":
+            if "evaluate" in vars(self.model):
+                raise ValueError(
+                    "only one averaging callback per fit can validate; "
+                    "pass validate='raw' to the others"
+                )
+            self.model.evaluate = self._evaluate_with(type(self.model).evaluate)
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._epoch = epoch
+        self._show_raw()
+        if self._resume:  # after BackupAndRestore and the like have restored the model
+            self._resume = False
+            if self.state_path is not None and self.state_path.exists():
+                self.load_state(self.state_path)
+            elif not self._started:
+                self._start()
+            self._started = True
+
+    def on_epoch_end(self, epoch, logs=None):
+        if self.save_freq == "epoch":
+            self._save(epoch, logs)
+        if self.swap_on_epoch:
+            self._show_average()
+
+    def on_train_end(self, logs=None):
+        if "evaluate" in vars(self.model):
+            del self.model.evaluate
+        if isinstance(self.save_freq, int):
+            self._save(self._epoch, logs)
+        if self.final_weights == "average":
+            self._show_average()
+        else:
+            self._show_raw()
+
+    def _evaluate_with(self, evaluate):
+        """`model.evaluate` during fit: on the average, or on both with `<name>_` metrics."""
+
+        def evaluate_average(*args, **kwargs):
+            self._before_validation()
+            if self.validate == "both":
+                raw = evaluate(self.model, *args, **kwargs)
+                with self.swapped():
+                    average = evaluate(self.model, *args, **kwargs)
+                return {**raw, **{f"{self.name}_{k}": v for k, v in average.items()}}
+            with self.swapped():
+                return evaluate(self.model, *args, **kwargs)
+
+        return evaluate_average
+
+    # -- for subclasses --------------------------------------------------------------
+
+    def _start(self) -> None:
+        """Begin averaging at the start of the first fit (no state file to resume from)."""
+
+    def _before_validation(self) -> None:
+        """Bring the average up to date before fit validates."""
+
+    def _config(self) -> dict:
+        raise NotImplementedError
+
+    def _counters(self) -> dict[str, int]:
+        raise NotImplementedError
+
+    def _set_counters(self, counters: dict[str, int]) -> None:
+        raise NotImplementedError
+
+
+def _is_float(dtype) -> bool:
+    return "float" in str(dtype)
+
+
+def _shadow_dtype(dtype) -> str:
+    return "float64" if str(dtype) == "float64" else "float32"
