@@ -242,12 +242,13 @@ class Averager(keras.callbacks.Callback):
                 self._raw = None  # someone replaced the weights since: train from theirs
         self._resume = True
         if self.validate != "raw":
-            if "evaluate" in vars(self.model):
+            patched = vars(self.model).get("evaluate")
+            if patched is not None and getattr(patched, "__self__", None) is not self:
                 raise ValueError(
                     "only one averaging callback per fit can validate; "
                     "pass validate='raw' to the others"
                 )
-            self.model.evaluate = self._evaluate_with(type(self.model).evaluate)
+            self.model.evaluate = self._evaluate
 
     def on_epoch_begin(self, epoch, logs=None):
         self._epoch = epoch
@@ -267,8 +268,7 @@ class Averager(keras.callbacks.Callback):
             self._show_average()
 
     def on_train_end(self, logs=None):
-        if "evaluate" in vars(self.model):
-            del self.model.evaluate
+        self._detach()
         if isinstance(self.save_freq, int):
             self._save(self._epoch, logs)
         if self.final_weights == "average":
@@ -276,10 +276,10 @@ class Averager(keras.callbacks.Callback):
         else:
             self._show_raw()
 
-    def _evaluate_with(self, evaluate):
+    def _evaluate(self, *args, **kwargs):
         """`model.evaluate` during fit: on the average, or on both with `<name>_` metrics."""
-
-        def evaluate_average(*args, **kwargs):
+        evaluate = type(self.model).evaluate
+        try:
             self._before_validation()
             if self.validate == "both":
                 raw = evaluate(self.model, *args, **kwargs)
@@ -288,8 +288,14 @@ class Averager(keras.callbacks.Callback):
                 return {**raw, **{f"{self.name}_{k}": v for k, v in average.items()}}
             with self.swapped():
                 return evaluate(self.model, *args, **kwargs)
+        except BaseException:
+            self._detach()  # fit is being abandoned: leave the model as we found it
+            raise
 
-        return evaluate_average
+    def _detach(self) -> None:
+        """Undo what on_train_begin did to the model."""
+        if vars(self.model).get("evaluate") == self._evaluate:
+            del self.model.evaluate
 
     # -- for subclasses --------------------------------------------------------------
 

@@ -204,10 +204,10 @@ class EMA(Averager):
         if not started and epoch >= self.start_epoch:
             self._begin.assign(self._steps)
 
-    def on_train_end(self, logs=None):
+    def _detach(self) -> None:
+        super()._detach()
         _unhook(self.model.optimizer, self)
-        self.model.make_train_function(force=True)
-        super().on_train_end(logs)
+        self.model.make_train_function(force=True)  # untraced: the next fit traces it bare
 
     def _after_step(self, applied) -> None:
         if applied is True:

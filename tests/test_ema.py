@@ -1,0 +1,320 @@
+"""The EMA callback under real `model.fit` runs, against a float64 numpy reference."""
+
+from __future__ import annotations
+
+import math
+import re
+
+import keras
+import numpy as np
+import pytest
+from training import (
+    FIT,
+    VAL,
+    Recorder,
+    X,
+    Y,
+    assert_close,
+    assert_equal,
+    fold,
+    make_model,
+    weights,
+)
+
+from streamavg.callbacks import EMA
+
+
+def reference(steps: list[dict], decay: float, *, warmup=False, every=1, start=0) -> dict:
+    """The documented EMA over recorded weights: steps[0] is the start of fit."""
+    average = steps[0]
+    for s, w in enumerate(steps[1:], 1):
+        t = s - start
+        if t <= 0:
+            average = dict(w)
+        elif t % every == 0:
+            d = min(decay, t / (9 + t)) if warmup else decay
+            average = fold(average, w, d**every)
+    return average
+
+
+def shadow(ema: EMA) -> dict[str, np.ndarray]:
+    return {k: v.astype(np.float64) for k, v in ema.averaged_weights().items()}
+
+
+@pytest.mark.parametrize(
+    "args, ref",
+    [
+        ({"decay": 0.9}, {"decay": 0.9}),
+        ({"decay": 0.8, "warmup": True}, {"decay": 0.8, "warmup": True}),
+        ({"decay": 0.9, "update_every": 3}, {"decay": 0.9, "every": 3}),
+        ({"decay": 0.9, "start_step": 5}, {"decay": 0.9, "start": 5}),
+        ({"decay": 0.9, "start_epoch": 1}, {"decay": 0.9, "start": 8}),
+        ({"half_life_steps": 4.0}, {"decay": 0.5**0.25}),
+        ({"half_life_epochs": 0.5}, {"decay": 0.5**0.25}),
+        ({"decay": 0.95, "warmup": True, "update_every": 2, "start_step": 3},
+         {"decay": 0.95, "warmup": True, "every": 2, "start": 3}),
+    ],
+)  # fmt: skip
+def test_matches_the_numpy_reference(args, ref):
+    model, rec = make_model(), Recorder()
+    ema = EMA(**args)
+    model.fit(X, Y, epochs=3, callbacks=[ema, rec], **FIT)
+    assert_close(shadow(ema), reference(rec.steps, **ref))
+    assert math.isclose(ema.decay, ref["decay"], rel_tol=1e-12)
+
+
+def test_validation_sees_the_average_and_training_goes_on_from_bit_exact_raw_weights():
+    plain = make_model()
+    plain_history = plain.fit(X, Y, epochs=3, validation_data=VAL, **FIT).history
+
+    seen = []
+
+    class Spy(keras.callbacks.Callback):
+        def on_test_begin(self, logs=None):
+            seen.append((weights(self.model), shadow(ema)))
+
+    model, ema = make_model(), EMA(decay=0.9, final_weights="raw")
+    history = model.fit(X, Y, epochs=3, validation_data=VAL, callbacks=[ema, Spy()], **FIT)
+    assert len(seen) == 3
+    for in_model, average in seen:
+        assert_equal(
+            in_model, {k: v.astype(np.float32).astype(np.float64) for k, v in average.items()}
+        )
+    assert_equal(weights(model), weights(plain))
+    assert history.history["loss"] == plain_history["loss"]
+    assert history.history["val_loss"] != plain_history["val_loss"]
+
+
+def test_validate_both_reports_raw_and_average_metrics():
+    plain = make_model()
+    plain_history = plain.fit(X, Y, epochs=2, validation_data=VAL, **FIT).history
+    model, ema = make_model(), EMA(decay=0.9, validate="both")
+    history = model.fit(X, Y, epochs=2, validation_data=VAL, callbacks=[ema], **FIT).history
+    assert sorted(history) == ["loss", "val_ema_loss", "val_loss"]
+    assert history["val_loss"] == plain_history["val_loss"]
+    # The model now holds the average, so evaluating it repeats the last val_ema_loss.
+    assert model.evaluate(*VAL, verbose=0, batch_size=8) == history["val_ema_loss"][-1]
+
+
+def test_an_exception_during_validation_leaves_the_raw_weights_in_place():
+    raw = {}
+
+    class Fail(keras.callbacks.Callback):
+        def on_train_batch_end(self, batch, logs=None):
+            raw.update(weights(self.model))
+
+        def on_test_batch_end(self, batch, logs=None):
+            raise KeyboardInterrupt
+
+    model = make_model()
+    with pytest.raises(KeyboardInterrupt):
+        model.fit(X, Y, epochs=2, validation_data=VAL, callbacks=[EMA(decay=0.9), Fail()], **FIT)
+    assert_equal(weights(model), raw)
+    assert "evaluate" not in vars(model)
+
+
+def test_final_weights_and_a_second_fit_that_trains_on_from_the_raw_weights():
+    plain = make_model()
+    plain.fit(X, Y, epochs=2, **FIT)
+    after_first = weights(plain)
+    plain.fit(X, Y, epochs=2, **FIT)
+
+    model, rec, ema = make_model(), Recorder(), EMA(decay=0.9)
+    model.fit(X, Y, epochs=2, callbacks=[ema, rec], **FIT)
+    assert_equal(weights(model), {k: v.astype(np.float32) for k, v in shadow(ema).items()})
+    model.fit(X, Y, epochs=2, callbacks=[ema, rec], **FIT)
+    assert_equal(rec.steps[17], after_first)  # the second fit started from the raw weights
+    assert_close(shadow(ema), reference(rec.steps[:17] + rec.steps[18:], 0.9))
+
+
+def test_a_second_fit_keeps_weights_loaded_in_between():
+    model, ema = make_model(), EMA(decay=0.9)
+    model.fit(X, Y, epochs=1, callbacks=[ema], **FIT)
+    other = make_model()
+    model.set_weights(other.get_weights())
+    rec = Recorder()
+    model.fit(X, Y, epochs=1, callbacks=[ema, rec], **FIT)
+    assert_equal(rec.steps[0], weights(other))
+
+
+def test_gradient_accumulation_updates_only_when_the_optimizer_applies():
+    model, rec = make_model(gradient_accumulation_steps=2), Recorder()
+    ema = EMA(decay=0.8)
+    model.fit(X, Y, epochs=2, callbacks=[ema, rec], **FIT)
+    applied = [rec.steps[0], *rec.steps[2::2]]
+    assert_close(shadow(ema), reference(applied, 0.8))
+    assert ema._counters()["steps"] == 8
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_low_precision_weights_keep_a_float32_shadow(dtype):
+    model, rec = make_model(dtype=dtype), Recorder()
+    ema = EMA(decay=0.99)
+    model.fit(X, Y, epochs=2, callbacks=[ema, rec], **FIT)
+    assert {str(s.dtype) for s in ema._shadow} == {"float32"}
+    assert {str(v.dtype) for v in model.trainable_variables} == {dtype}
+    want = reference(rec.steps, 0.99)
+    assert_close(shadow(ema), want)
+    # A shadow in the weights' own dtype would have lost the small updates.
+    low = {k: v.astype(keras.backend.standardize_dtype(dtype)) for k, v in want.items()}
+    assert any(not np.array_equal(low[k].astype(np.float64), want[k]) for k in want)
+
+
+@pytest.mark.parametrize("policy", ["average", "copy"])
+def test_batchnorm_statistics_policy(policy):
+    model, rec = make_model(batchnorm=True), Recorder(trainable_only=False)
+    ema = EMA(decay=0.9, non_trainable=policy, final_weights="raw")
+    seen = []
+
+    class Spy(keras.callbacks.Callback):
+        def on_test_begin(self, logs=None):
+            seen.append(weights(self.model, trainable_only=False))
+
+    model.fit(X, Y, epochs=2, validation_data=VAL, callbacks=[ema, rec, Spy()], **FIT)
+    stats = [v.path for v in model.non_trainable_variables]
+    want = reference(rec.steps, 0.9)
+    if policy == "average":
+        assert_close(shadow(ema), want)
+        assert_close({k: seen[-1][k] for k in stats}, {k: want[k] for k in stats})
+    else:
+        assert not set(stats) & set(ema.averaged_weights())
+        assert_equal({k: seen[-1][k] for k in stats}, {k: rec.steps[-1][k] for k in stats})
+
+
+def test_early_stopping_restores_the_best_average_and_model_checkpoint_saves_it(tmp_path):
+    at_epoch_end = []
+
+    class Spy(keras.callbacks.Callback):
+        def on_epoch_end(self, epoch, logs=None):
+            at_epoch_end.append({k: v.astype(np.float32) for k, v in shadow(ema).items()})
+
+    model, ema = make_model(learning_rate=0.1), EMA(decay=0.5)
+    best = tmp_path / "best.weights.h5"
+    callbacks = [
+        Spy(),
+        ema,
+        keras.callbacks.ModelCheckpoint(best, save_best_only=True, save_weights_only=True),
+        keras.callbacks.EarlyStopping(patience=2, restore_best_weights=True),
+    ]
+    history = model.fit(X, Y, epochs=8, validation_data=VAL, callbacks=callbacks, **FIT).history
+    best_epoch = int(np.argmin(history["val_loss"]))
+    assert best_epoch < len(history["val_loss"]) - 1 < 7  # it stopped early, after the best
+    assert_equal(
+        weights(model), {k: v.astype(np.float64) for k, v in at_epoch_end[best_epoch].items()}
+    )
+    saved = make_model()
+    saved.load_weights(best)
+    assert_equal(weights(saved), weights(model))
+
+
+def test_resume_from_the_state_file_with_backup_and_restore_equals_an_uninterrupted_run(tmp_path):
+    whole, ema = make_model(), EMA(decay=0.9)
+    whole.fit(X, Y, epochs=4, callbacks=[ema], **FIT)
+
+    class Crash(keras.callbacks.Callback):
+        def on_epoch_begin(self, epoch, logs=None):
+            if epoch == 2:
+                raise RuntimeError("crash")
+
+    state, weights_file = tmp_path / "ema.state.h5", tmp_path / "ema.weights.h5"
+
+    def callbacks(*extra):
+        backup = keras.callbacks.BackupAndRestore(tmp_path / "backup")
+        return [backup, EMA(decay=0.9, state_path=state, weights_path=weights_file), *extra]
+
+    with pytest.raises(RuntimeError, match="crash"):
+        make_model().fit(X, Y, epochs=4, callbacks=callbacks(Crash()), **FIT)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "backup",
+        "ema.state.h5",
+        "ema.weights.h5",
+    ]
+    resumed = make_model()
+    resumed.fit(X, Y, epochs=4, callbacks=callbacks(), **FIT)
+    assert_equal(weights(resumed), weights(whole))
+    standalone = make_model()
+    standalone.load_weights(weights_file)
+    assert_equal(weights(standalone), weights(whole))
+
+
+def test_a_state_file_from_another_point_of_training_is_refused(tmp_path):
+    state = tmp_path / "ema.state.h5"
+    make_model().fit(X, Y, epochs=1, callbacks=[EMA(decay=0.9, state_path=state)], **FIT)
+    with pytest.raises(ValueError, match=re.escape(
+        f"{state}: saved at optimizer step 8, but the model is at step 0; restore the matching "
+        "weights first (for example with keras.callbacks.BackupAndRestore) or remove the file "
+        "to start afresh"
+    )):  # fmt: skip
+        make_model().fit(X, Y, epochs=1, callbacks=[EMA(decay=0.9, state_path=state)], **FIT)
+    with pytest.raises(ValueError, match=re.escape(f"{state}: saved by {{'kind': 'EMA', 'config'")):
+        make_model().fit(X, Y, epochs=1, callbacks=[EMA(decay=0.8, state_path=state)], **FIT)
+
+
+def test_state_saved_every_n_batches(tmp_path):
+    state = tmp_path / "ema.state.h5"
+    model, ema = make_model(), EMA(decay=0.9, state_path=state, save_freq=3)
+    model.fit(X, Y, epochs=1, callbacks=[ema], **FIT)
+    again = EMA(decay=0.9, state_path=state, final_weights="raw")
+    again.set_model(model)
+    model.optimizer.iterations.assign(8)
+    again.load_state(state)
+    assert_equal(shadow(again), shadow(ema))
+    assert again._counters() == {"steps": 8, "begin": 0}
+
+
+def test_custom_training_loop_with_update_and_swapped():
+    model, ema = make_model(), EMA(decay=0.9)
+    ema.set_model(model)
+    steps = [weights(model)]
+    for i in range(0, 64, 8):
+        model.train_on_batch(X[i : i + 8], Y[i : i + 8])
+        ema.update()
+        steps.append(weights(model))
+    assert_close(shadow(ema), reference(steps, 0.9))
+    with ema.swapped():
+        assert_equal(weights(model), {k: v.astype(np.float32) for k, v in shadow(ema).items()})
+    assert_equal(weights(model), steps[-1])
+
+
+def test_two_averages_at_once_and_only_one_validates():
+    model, rec = make_model(), Recorder()
+    fast = EMA(decay=0.5, validate="raw", name="fast")
+    slow = EMA(decay=0.9, validate="both", name="slow")
+    history = model.fit(X, Y, epochs=1, validation_data=VAL, callbacks=[fast, slow, rec], **FIT)
+    assert sorted(history.history) == ["loss", "val_loss", "val_slow_loss"]
+    assert_close(shadow(fast), reference(rec.steps, 0.5))
+    assert_close(shadow(slow), reference(rec.steps, 0.9))
+    message = "only one averaging callback per fit can validate; pass validate='raw' to the others"
+    with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
+        model.fit(X, Y, epochs=1, validation_data=VAL, callbacks=[EMA(), EMA()], **FIT)
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        ({"decay": 1.0}, "decay must be between 0 and 1 (exclusive); got 1.0"),
+        ({"decay": 0.9, "half_life_steps": 3}, "give only one of decay, half_life_steps"),
+        ({"half_life_epochs": 0}, "half_life_epochs must be positive; got 0"),
+        ({"update_every": 0}, "update_every must be an int >= 1; got 0"),
+        ({"start_step": -1}, "start_step must be an int >= 0; got -1"),
+        ({"start_step": 2, "start_epoch": 1}, "give start_step or start_epoch, not both"),
+        ({"validate": "ema"}, "validate must be one of 'average', 'raw', 'both'; got 'ema'"),
+        ({"save_freq": 0}, "save_freq must be 'epoch' or a positive int; got 0"),
+        ({"weights_path": "x.h5"}, "weights_path must end in .weights.h5; got 'x.h5'"),
+        ({"name": "a b"}, "name must be an identifier, used in metric names; got 'a b'"),
+    ],
+)
+def test_bad_arguments_are_refused_at_once(args, message):
+    with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
+        EMA(**args)
+
+
+def test_the_update_runs_inside_the_train_step_not_between_batches():
+    plain, rec = make_model(), Recorder()
+    plain.fit(X, Y, epochs=2, callbacks=[rec], **FIT)
+    model = make_model()
+    model.compile(optimizer=model.optimizer, loss="mse", steps_per_execution=4)
+    ema = EMA(decay=0.8)
+    model.fit(X, Y, epochs=2, callbacks=[ema], **FIT)  # batch hooks see every 4th step only
+    assert_close(shadow(ema), reference(rec.steps, 0.8))
+    assert "apply" not in vars(model.optimizer)  # unhooked after fit

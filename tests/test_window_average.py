@@ -1,0 +1,84 @@
+"""WindowAverage under real `model.fit` runs, against the offline averaging of the same epochs."""
+
+from __future__ import annotations
+
+import re
+
+import keras
+import numpy as np
+import pytest
+from training import FIT, VAL, X, Y, assert_close, assert_equal, make_model, weights
+
+import streamavg
+from streamavg.callbacks import WindowAverage
+
+
+def shadow(avg: WindowAverage) -> dict[str, np.ndarray]:
+    return {k: v.astype(np.float64) for k, v in avg.averaged_weights().items()}
+
+
+@pytest.mark.parametrize("scheme, alpha", [("equal", 2.0), ("linear", 2.0), ("exp", 1.5)])
+def test_equals_the_offline_average_of_the_same_epochs(tmp_path, scheme, alpha):
+    saver = keras.callbacks.ModelCheckpoint(
+        tmp_path / "e{epoch:02d}.weights.h5", save_weights_only=True
+    )
+    model, avg = make_model(), WindowAverage(scheme, alpha, start_epoch=2)
+    model.fit(X, Y, epochs=6, callbacks=[saver, avg], **FIT)  # saver first: it saves raw weights
+    offline = make_model()
+    result = streamavg.load_into_model(offline, [tmp_path], scheme=scheme, alpha=alpha, last=4)
+    assert [p.name for p in result.files] == [f"e0{e}.weights.h5" for e in (3, 4, 5, 6)]
+    assert_close(weights(model), weights(offline))
+    assert_equal(weights(model), {k: v.astype(np.float32) for k, v in shadow(avg).items()})
+
+
+def test_validation_sees_raw_weights_before_the_window_and_the_average_within_it():
+    seen = []
+
+    class Spy(keras.callbacks.Callback):
+        def on_train_batch_end(self, batch, logs=None):
+            self.raw = weights(self.model)
+
+        def on_test_begin(self, logs=None):
+            seen.append((weights(self.model), self.raw, avg._count))
+
+    model, avg = make_model(), WindowAverage("equal", start_epoch=1, final_weights="raw")
+    model.fit(X, Y, epochs=3, validation_data=VAL, callbacks=[avg, Spy()], **FIT)
+    (first, raw0, n0), (second, raw1, n1), (third, _, n2) = seen
+    assert (n0, n1, n2) == (0, 1, 2)
+    assert_equal(first, raw0)
+    assert_equal(second, raw1)  # a window of one epoch is that epoch, exactly
+    assert_close(third, {k: (raw1[k] + seen[2][1][k]) / 2 for k in raw1})
+
+
+def test_resume_after_a_crash_equals_an_uninterrupted_run(tmp_path):
+    whole = make_model()
+    whole.fit(X, Y, epochs=4, callbacks=[WindowAverage("linear")], **FIT)
+
+    class Crash(keras.callbacks.Callback):
+        def on_epoch_begin(self, epoch, logs=None):
+            if epoch == 2:
+                raise RuntimeError("crash")
+
+    def callbacks(*extra):
+        backup = keras.callbacks.BackupAndRestore(tmp_path / "backup")
+        return [backup, WindowAverage("linear", state_path=tmp_path / "avg.h5"), *extra]
+
+    with pytest.raises(RuntimeError, match="crash"):
+        make_model().fit(X, Y, epochs=4, callbacks=callbacks(Crash()), **FIT)
+    resumed = make_model()
+    resumed.fit(X, Y, epochs=4, callbacks=callbacks(), **FIT)
+    assert_equal(weights(resumed), weights(whole))
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        ({"scheme": "median"}, "unknown scheme 'median'; choose from equal, linear, exp"),
+        ({"scheme": "exp", "alpha": 0}, "alpha must be a positive number, got 0"),
+        ({"start_epoch": -1}, "start_epoch must be an int >= 0; got -1"),
+        ({"final_weights": "best"}, "final_weights must be one of 'average', 'raw'; got 'best'"),
+    ],
+)
+def test_bad_arguments_are_refused_at_once(args, message):
+    with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
+        WindowAverage(**args)
