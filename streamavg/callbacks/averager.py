@@ -93,7 +93,7 @@ class Averager(keras.callbacks.Callback):
         self._tracked = tracked
         self._shadow = [
             keras.Variable(
-                ops.cast(v, _shadow_dtype(v.dtype)),
+                _copy(v, _shadow_dtype(v.dtype)),
                 dtype=_shadow_dtype(v.dtype),
                 trainable=False,
                 name=f"{self.name}_{v.name}",
@@ -108,7 +108,7 @@ class Averager(keras.callbacks.Callback):
             if not isinstance(share, float):
                 s.assign(s + ops.cast(share, s.dtype) * (w - s))
             elif share == 1.0:
-                s.assign(w)  # an exact copy, where the general form could be 1 ulp off
+                s.assign(_copy(v, s.dtype))  # exact, where the general form could be 1 ulp off
             else:
                 s.assign(s + share * (w - s))
 
@@ -128,7 +128,7 @@ class Averager(keras.callbacks.Callback):
             return
         self._raw = [ops.copy(v.value) for v in self._tracked]
         for s, v in zip(self._shadow, self._tracked, strict=True):
-            v.assign(ops.cast(s, v.dtype))
+            v.assign(_copy(s, v.dtype))
 
     def _show_raw(self) -> None:
         if self._raw is None:
@@ -313,6 +313,11 @@ class Averager(keras.callbacks.Callback):
 
     def _set_counters(self, counters: dict[str, int]) -> None:
         raise NotImplementedError
+
+
+def _copy(x, dtype):
+    """`x` in `dtype`, never sharing its buffer: JAX's train step donates the model's."""
+    return ops.copy(ops.cast(x, dtype))
 
 
 def _is_float(dtype) -> bool:

@@ -10,7 +10,7 @@ from keras import ops
 
 from .averager import Averager
 
-NOT_STARTED = 2**62  # the start step while waiting for `start_epoch`
+NOT_STARTED = 2**31 - 1  # the start step while waiting for `start_epoch` (fits int32, for JAX)
 _HOOKS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # optimizer -> {owner: hook}
 
 
