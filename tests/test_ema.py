@@ -146,6 +146,21 @@ def test_gradient_accumulation_updates_only_when_the_optimizer_applies():
     assert ema._counters()["steps"] == 8
 
 
+def test_steps_a_loss_scale_optimizer_skips_are_left_out():
+    model, rec = make_model(dtype="mixed_float16"), Recorder()
+    inner = keras.optimizers.SGD(learning_rate=0.05, momentum=0.9)
+    # A scale this large overflows float16 gradients until it has been halved a few times.
+    optimizer = keras.optimizers.LossScaleOptimizer(inner, initial_scale=2.0**22)
+    model.compile(optimizer=optimizer, loss="mse")
+    ema = EMA(decay=0.8)
+    model.fit(X, Y, epochs=2, callbacks=[ema, rec], **FIT)
+    changed = [b for a, b in zip(rec.steps, rec.steps[1:]) if not all(
+        np.array_equal(a[k], b[k]) for k in a)]  # fmt: skip
+    assert 0 < len(changed) < 16
+    assert ema._counters()["steps"] == len(changed) == int(inner.iterations.numpy())
+    assert_close(shadow(ema), reference([rec.steps[0], *changed], 0.8))
+
+
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
 def test_low_precision_weights_keep_a_float32_shadow(dtype):
     model, rec = make_model(dtype=dtype), Recorder()
