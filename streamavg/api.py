@@ -156,7 +156,8 @@ def average_tensors(
     with ExitStack() as stack:
         checkpoints = open_all(p.files, stack)
         tensors = model_tensors(checkpoints[-1])
-        result = {n: _read_whole(checkpoints[-1], n) for n, t in tensors.items() if not t.averaged}
+        newest = checkpoints[-1]
+        result = {n: newest.read_whole(n) for n, t in tensors.items() if not t.averaged}
         averaged = [t for t in tensors.values() if t.averaged]
         result |= {t.name: np.empty(t.shape, t.dtype) for t in averaged}
 
@@ -165,10 +166,6 @@ def average_tensors(
 
         fold(checkpoints, np.array(p.weights), averaged, write, allow_nonfinite=allow_nonfinite)
     return {n: result[n] for n in tensors}
-
-
-def _read_whole(ck: Checkpoint, name: str) -> np.ndarray:
-    return ck.h5[name][()].view(ck.tensors[name].dtype)
 
 
 def load_into_model(

@@ -1,4 +1,4 @@
-"""The command line: `streamavg PATH... [options]` and `streamavg inspect FILE`."""
+"""The command line: `streamavg PATH... [options]`, `streamavg inspect FILE`, `streamavg sweep`."""
 
 from __future__ import annotations
 
@@ -9,17 +9,20 @@ import resource
 import sys
 import time
 from collections.abc import Sequence
+from pathlib import Path
 
 from ._version import __version__
 from .api import OPTIMIZER_POLICIES, Plan, plan, run
 from .errors import StreamavgError, UsageError
 from .formats import Checkpoint
+from .output import check_output
 from .schemes import SCHEMES
 
 DESCRIPTION = """\
 Average Keras checkpoints (.keras, .weights.h5, legacy .h5) with constant memory.
 Checkpoints are ordered by the epoch number in their names; the newest weighs most.
-Run `streamavg inspect FILE` to list a checkpoint's tensors."""
+Run `streamavg inspect FILE` to list a checkpoint's tensors, and `streamavg sweep` to
+score the average of the last n checkpoints for every n (or a greedy soup)."""
 
 
 class _Parser(argparse.ArgumentParser):
@@ -34,24 +37,8 @@ def _parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("inputs", nargs="+", metavar="PATH", help="checkpoint files or directories")
-    sel = p.add_argument_group("selection")
-    sel.add_argument(
-        "--pattern",
-        metavar="GLOB",
-        help="files to take from directories (default: *.keras, *.h5, *.hdf5)",
-    )
-    sel.add_argument("--last", type=int, metavar="N", help="keep only the newest N checkpoints")
-    sel.add_argument(
-        "--epochs", metavar="FIRST:LAST", help="keep epochs FIRST to LAST inclusive, e.g. 490:499"
-    )
-    wts = p.add_argument_group("weights")
-    wts.add_argument(
-        "--scheme",
-        choices=SCHEMES,
-        default="equal",
-        help="equal: 1/n each; linear: n/n..1/n; exp: exp(-i/alpha) (default: equal)",
-    )
-    wts.add_argument("--alpha", type=float, default=2.0, help="decay of --scheme exp (default 2)")
+    _add_selection(p)
+    wts = _add_scheme(p)
     wts.add_argument(
         "--weights",
         metavar="W1,W2,...",
@@ -80,6 +67,31 @@ def _parser() -> argparse.ArgumentParser:
     out.add_argument("-q", "--quiet", action="store_true", help="no progress bar or weight table")
     p.add_argument("--version", action="version", version=f"streamavg {__version__}")
     return p
+
+
+def _add_selection(p: argparse.ArgumentParser) -> None:
+    sel = p.add_argument_group("selection")
+    sel.add_argument(
+        "--pattern",
+        metavar="GLOB",
+        help="files to take from directories (default: *.keras, *.h5, *.hdf5)",
+    )
+    sel.add_argument("--last", type=int, metavar="N", help="keep only the newest N checkpoints")
+    sel.add_argument(
+        "--epochs", metavar="FIRST:LAST", help="keep epochs FIRST to LAST inclusive, e.g. 490:499"
+    )
+
+
+def _add_scheme(p: argparse.ArgumentParser) -> argparse._ArgumentGroup:
+    wts = p.add_argument_group("weights")
+    wts.add_argument(
+        "--scheme",
+        choices=SCHEMES,
+        default="equal",
+        help="equal: 1/n each; linear: n/n..1/n; exp: exp(-i/alpha) (default: equal)",
+    )
+    wts.add_argument("--alpha", type=float, default=2.0, help="decay of --scheme exp (default 2)")
+    return wts
 
 
 def _floats(text: str) -> list[float]:
@@ -179,11 +191,59 @@ def _inspect(argv: Sequence[str]) -> int:
     return 0
 
 
+def _sweep(argv: Sequence[str]) -> int:
+    p = _Parser(
+        prog="streamavg sweep",
+        description="Score the average of the last n checkpoints for every n in one pass over "
+        "the files, or build a greedy soup (--greedy). Needs Keras, and .keras or full-model "
+        ".h5 checkpoints.",
+    )
+    p.add_argument("inputs", nargs="+", metavar="PATH", help="checkpoint files or directories")
+    p.add_argument("--data", required=True, metavar="NPZ", help="held-out arrays x and y")
+    p.add_argument("--metric", help="a compiled metric (default: accuracy if there, else loss)")
+    p.add_argument("--greedy", action="store_true", help="greedy soup (Wortsman et al., 2022)")
+    _add_selection(p)
+    _add_scheme(p)
+    p.add_argument("-o", "--output", metavar="PATH", help="write the best average or soup here")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    args = p.parse_args(argv)
+    if args.greedy and args.scheme != "equal":
+        raise UsageError("--greedy averages its soup equally; it takes no --scheme")
+    select = {"pattern": args.pattern, "last": args.last, "epochs": args.epochs}
+    files = plan(args.inputs, scheme=args.scheme, alpha=args.alpha, **select).files
+    if args.output:
+        check_output(Path(args.output), files, args.overwrite)
+
+    from .evaluate import keras_scorer
+    from .sweeps import greedy_soup, sweep
+
+    evaluate, metric, maximize = keras_scorer(files[-1], args.data, args.metric)
+    if args.greedy:
+        soup = greedy_soup(files, evaluate=evaluate, maximize=maximize)
+        print(f"{metric:>10}  file (each alone)")
+        print("\n".join(f"{score:10.4f}  {path}" for path, score in soup.singles.items()))
+        kept = ", ".join(path.name for path in soup.kept)
+        print(f"soup of {len(soup.kept)} of {len(files)}: {kept}; {metric} {soup.score:.4f}")
+        best = plan(soup.kept, scheme="equal")
+    else:
+        result = sweep(files, args.scheme, evaluate=evaluate, alpha=args.alpha, maximize=maximize)
+        print(f"{'last n':>6}  {metric} ({args.scheme})")
+        print("\n".join(f"{n:>6}  {score:.4f}" for n, score in result.scores.items()))
+        print(f"best: the last {result.best} ({metric} {result.scores[result.best]:.4f})")
+        best = plan(files[-result.best :], scheme=args.scheme, alpha=args.alpha)
+    if args.output:
+        print(f"wrote {run(best, args.output, overwrite=args.overwrite).output}")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; return the exit status (0, 1 for bad input, 2 for bad usage)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
-        return _inspect(argv[1:]) if argv[:1] == ["inspect"] else _average(argv)
+        commands = {"inspect": _inspect, "sweep": _sweep}
+        if argv[:1] and argv[0] in commands:
+            return commands[argv[0]](argv[1:])
+        return _average(argv)
     except StreamavgError as e:
         print(f"streamavg: error: {e}", file=sys.stderr)
         return e.exit_code

@@ -251,6 +251,13 @@ class Checkpoint:
         except (OSError, RuntimeError, TypeError) as e:
             raise StreamavgError(f"{self.path}: {name}: unreadable ({_reason(e)})") from None
 
+    def read_whole(self, name: str) -> np.ndarray:
+        """All of tensor `name`, in its logical dtype."""
+        t = self.tensors[name]
+        out = np.empty(t.shape, t.stored)
+        self.read(name, slice(0, t.shape[0]) if t.shape else (), out)
+        return out.view(t.dtype)
+
     def drop_hdf5(self) -> None:
         """Close the HDF5 handle if every model tensor can be read straight from the file."""
         if all(n in self._offsets for n, t in self.tensors.items() if t.averaged and t.nbytes):

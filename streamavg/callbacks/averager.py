@@ -50,6 +50,7 @@ class Averager(keras.callbacks.Callback):
         save_freq: str | int = "epoch",
         state_path: str | Path | None = None,
         weights_path: str | Path | None = None,
+        delete_state: bool = True,
         name: str = "ema",
     ):
         super().__init__()
@@ -66,6 +67,7 @@ class Averager(keras.callbacks.Callback):
         if weights_path is not None and not str(weights_path).endswith(".weights.h5"):
             raise ValueError(f"weights_path must end in .weights.h5; got {str(weights_path)!r}")
         self.weights_path = weights_path
+        self.delete_state = bool(delete_state)
         if not name.isidentifier():
             raise ValueError(f"name must be an identifier, used in metric names; got {name!r}")
         self.name = name
@@ -74,6 +76,7 @@ class Averager(keras.callbacks.Callback):
         self._raw: list | None = None  # the raw weights, while the model shows the average
         self._resume = False  # set by on_train_begin: resume or start at the first epoch
         self._started = False
+        self._fit = None  # the History of the fit this callback last joined: identifies it
         self._epoch = 0
         self._batches = 0  # since the last save, when saving every `save_freq` batches
         if isinstance(save_freq, int) and (state_path or weights_path):
@@ -129,6 +132,11 @@ class Averager(keras.callbacks.Callback):
         self._raw = [ops.copy(v.value) for v in self._tracked]
         for s, v in zip(self._shadow, self._tracked, strict=True):
             v.assign(_copy(s, v.dtype))
+
+    def restore_raw(self) -> None:
+        """Put the raw weights back if the model shows the average (say, after an exception
+        in a later callback's `on_epoch_end`, or to train on after `fit` by hand)."""
+        self._show_raw()
 
     def _show_raw(self) -> None:
         if self._raw is None:
@@ -221,7 +229,7 @@ class Averager(keras.callbacks.Callback):
     def _save(self, epoch: int, logs: dict | None) -> None:
         if self.state_path is not None:
             self.save_state(self.state_path)
-        if self.weights_path is not None:
+        if self.weights_path is not None and self._ready():
             self.save_weights(str(self.weights_path).format(epoch=epoch + 1, **(logs or {})))
 
     def _save_every(self, batch: int, logs: dict | None = None) -> None:
@@ -233,6 +241,15 @@ class Averager(keras.callbacks.Callback):
     # -- the fit lifecycle -----------------------------------------------------------
 
     def on_train_begin(self, logs=None):
+        patched = vars(self.model).get("evaluate")
+        owner = getattr(patched, "__self__", None)
+        rival = owner not in (None, self) and owner._fit is self.model.history
+        if self.validate != "raw" and rival:
+            raise ValueError(
+                "only one averaging callback per fit can validate; "
+                "pass validate='raw' to the others"
+            )
+        self._fit = self.model.history  # fit gives every run a new History
         if self._tracked is None:
             self._build()
         if self._raw is not None:  # the average was left in the model by the last fit
@@ -242,24 +259,18 @@ class Averager(keras.callbacks.Callback):
                 self._raw = None  # someone replaced the weights since: train from theirs
         self._resume = True
         if self.validate != "raw":
-            patched = vars(self.model).get("evaluate")
-            if patched is not None and getattr(patched, "__self__", None) is not self:
-                raise ValueError(
-                    "only one averaging callback per fit can validate; "
-                    "pass validate='raw' to the others"
-                )
-            self.model.evaluate = self._evaluate
+            self.model.evaluate = self._evaluate  # replaces one left by an interrupted fit
 
     def on_epoch_begin(self, epoch, logs=None):
         self._epoch = epoch
         self._show_raw()
-        if self._resume:  # after BackupAndRestore and the like have restored the model
-            self._resume = False
+        if self._resume and not self._started:  # now BackupAndRestore has restored the model
             if self.state_path is not None and self.state_path.exists():
                 self.load_state(self.state_path)
-            elif not self._started:
+            else:
                 self._start()
             self._started = True
+        self._resume = False
 
     def on_epoch_end(self, epoch, logs=None):
         if self.save_freq == "epoch":
@@ -271,14 +282,20 @@ class Averager(keras.callbacks.Callback):
         self._detach()
         if isinstance(self.save_freq, int):
             self._save(self._epoch, logs)
+        if self.delete_state and self.state_path is not None:
+            self.state_path.unlink(missing_ok=True)
         if self.final_weights == "average":
             self._show_average()
+            if self._raw is not None:  # kept for the next fit: on the host, not the device
+                self._raw = [ops.convert_to_numpy(r) for r in self._raw]
         else:
             self._show_raw()
 
     def _evaluate(self, *args, **kwargs):
-        """`model.evaluate` during fit: on the average, or on both with `<name>_` metrics."""
+        """`model.evaluate` for fit's validation: on the average, or on both (`<name>_*`)."""
         evaluate = type(self.model).evaluate
+        if not kwargs.get("_use_cached_eval_dataset"):  # not fit's validation: leave it be
+            return evaluate(self.model, *args, **kwargs)
         try:
             self._before_validation()
             if self.validate == "both":

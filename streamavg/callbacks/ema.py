@@ -36,12 +36,13 @@ class EMA(Averager):
             a half-life is given instead.
         half_life_steps: the horizon as a half-life in optimizer steps: d = 0.5 ** (1 / h).
         half_life_epochs: the same in epochs, using `fit`'s steps per epoch.
-        warmup: if True, d is capped at ``t / (9 + t)`` for the t-th update, so early
-            weights are soon forgotten (the schedule of `tf.train.ExponentialMovingAverage`
-            with `num_updates`). False gives the plain update.
+        warmup: if True, d is capped at ``t / (9 + t)`` at the t-th optimizer step since
+            the start, so early weights are soon forgotten (the schedule of
+            `tf.train.ExponentialMovingAverage` with `num_updates`). False: the plain update.
         update_every: update every k optimizer steps with d ** k, keeping the horizon.
         start_step: before this many optimizer steps the average just follows the weights.
-        start_epoch: the same, counted in epochs (0-based, as `fit` counts them).
+        start_epoch: the same, at the start of this epoch of `fit` (0-based, as `fit`
+            counts them; in a custom loop, use `start_step`).
         validate: "average" (validation in `fit` sees the EMA), "raw", or "both"
             (val_* on the raw weights and val_<name>_* on the EMA).
         swap_on_epoch: let callbacks listed after this one see the EMA in `on_epoch_end`,
@@ -52,10 +53,15 @@ class EMA(Averager):
             trained weights. A later `fit` always trains on from the raw weights.
         non_trainable: "average" also averages float non-trainable variables (BatchNorm
             statistics); "copy" leaves them as trained. See `recalibrate_batchnorm`.
-        save_freq: "epoch", or save every this many batches.
+        save_freq: "epoch", or save every this many batches (as `fit` counts them: with
+            `steps_per_execution`, each batch is that many steps).
         state_path: an HDF5 file of the shadow, step counts and configuration, written
-            atomically at each save. A `fit` that finds it resumes from it, exactly; the
-            model must be at the same optimizer step (as `BackupAndRestore` ensures).
+            atomically at each save. The first `fit` of a new EMA that finds it resumes
+            from it, exactly; the model must be at the same optimizer step (as
+            `BackupAndRestore` ensures: give both the same save frequency). After an
+            exception, resume in a new EMA object; the old one continues from memory.
+        delete_state: remove the state file when `fit` completes, as `BackupAndRestore`
+            removes its backup; False keeps it.
         weights_path: also write the EMA as a `.weights.h5` that `model.load_weights`
             reads, at each save; it may use `{epoch}` and logs keys, like `ModelCheckpoint`.
         name: the prefix of the metrics that `validate="both"` adds.
@@ -238,7 +244,8 @@ def _hook(optimizer, owner, hook) -> None:
     on non-finite gradients, so skipped steps never reach the hook.
     """
     opt = _innermost(optimizer)
-    if opt not in _HOOKS:
+    hooks = _HOOKS.get(opt)
+    if hooks is None:
         hooks = _HOOKS[opt] = {}
         apply = opt.apply
 
@@ -250,7 +257,9 @@ def _hook(optimizer, owner, hook) -> None:
                 h(applied)
 
         opt.apply = apply_then_hooks
-    _HOOKS[opt][owner] = hook
+    for stale in [o for o in hooks if o._fit is not owner._fit]:  # left by an interrupted fit
+        del hooks[stale]
+    hooks[owner] = hook
 
 
 def _unhook(optimizer, owner) -> None:

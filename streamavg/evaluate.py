@@ -1,0 +1,80 @@
+"""Scoring averaged tensors on held-out data with Keras, for `streamavg sweep` (imports Keras).
+
+The data file is an `.npz` holding two arrays of equal length: `x`, the inputs, and `y`,
+the targets in the form the checkpoint's compiled loss expects. The score is one of the
+metrics the checkpoint was compiled with, as `model.evaluate` reports it.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import zipfile
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+from .errors import StreamavgError, UsageError
+from .formats import Checkpoint
+from .output import h5_like
+
+ARCHITECTURES = ("keras", "legacy-h5")  # the formats that hold a model, not just weights
+
+
+def load_data(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
+    """The `x` and `y` arrays of an `.npz` file, checked; never unpickles anything."""
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            missing = [k for k in ("x", "y") if k not in npz.files]
+            if missing:
+                raise StreamavgError(f"{path}: no array {missing[0]!r} (needs 'x' and 'y')")
+            x, y = npz["x"], npz["y"]
+    except (OSError, ValueError, zipfile.BadZipFile) as e:
+        raise StreamavgError(f"{path}: not an .npz file of arrays x and y ({e})") from None
+    if not len(x) or len(x) != len(y):
+        raise StreamavgError(f"{path}: x has {len(x)} rows and y {len(y)}; needs equal, non-zero")
+    return x, y
+
+
+def keras_scorer(
+    newest: str | os.PathLike, data: str | os.PathLike, metric: str | None = None
+) -> tuple[Callable[[dict[str, np.ndarray]], float], str, bool]:
+    """An `evaluate` for `sweep` and `greedy_soup`, built once from the newest checkpoint.
+
+    Returns the function, the metric's name and whether higher is better. The default
+    metric is accuracy if compiled in, else the loss; metrics named like a loss or an error
+    are minimised.
+    """
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    import keras
+
+    with Checkpoint(newest) as ck:
+        if ck.format not in ARCHITECTURES:
+            raise UsageError(
+                f"{newest}: a {ck.format} file holds no model to evaluate; "
+                "sweep needs .keras or full-model .h5 checkpoints"
+            )
+        fmt = ck.format
+    x, y = load_data(data)
+    model = keras.saving.load_model(newest, safe_mode=True)
+    if not getattr(model, "compiled", False):
+        raise UsageError(f"{newest}: the model was saved without compile(); no loss to evaluate")
+    names = list(model.evaluate(x[:1], y[:1], return_dict=True, verbose=0))
+    metric = metric or ("accuracy" if "accuracy" in names else "loss")
+    if metric not in names:
+        raise UsageError(f"--metric {metric}: not among the model's metrics ({', '.join(names)})")
+    maximize = not any(word in metric for word in ("loss", "error"))
+    suffix = ".weights.h5" if fmt == "keras" else ".h5"
+
+    def evaluate(tensors: dict[str, np.ndarray]) -> float:
+        with Checkpoint(newest) as template, tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / f"average{suffix}"
+            # The template's optimizer state comes along, so Keras finds what it expects.
+            with h5_like(template, path, tensors, optimizer=True, provenance={}) as out:
+                for name, ds in out.items():
+                    ds.write_direct(tensors[name].view(ds.dtype))
+            model.load_weights(path)
+        return float(model.evaluate(x, y, return_dict=True, verbose=0)[metric])
+
+    return evaluate, metric, maximize
