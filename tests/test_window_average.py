@@ -82,3 +82,14 @@ def test_resume_after_a_crash_equals_an_uninterrupted_run(tmp_path):
 def test_bad_arguments_are_refused_at_once(args, message):
     with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
         WindowAverage(**args)
+
+
+def test_weights_file_is_written_only_once_the_window_has_begun(tmp_path):
+    path = tmp_path / "avg.weights.h5"
+    model, avg = make_model(), WindowAverage("equal", start_epoch=2, weights_path=path)
+    model.fit(X, Y, epochs=2, callbacks=[avg], **FIT)
+    assert not path.exists()
+    model.fit(X, Y, epochs=3, initial_epoch=2, callbacks=[avg], **FIT)
+    loaded = make_model()
+    loaded.load_weights(path)
+    assert_equal(weights(loaded), {k: v.astype(np.float32) for k, v in shadow(avg).items()})
