@@ -128,13 +128,12 @@ def greedy_soup(
         kept, score = [ranked[0].path], singles[ranked[0].path]
         for ck in ranked[1:]:
             y = _read(ck)
-            candidate = evaluate(
-                _stored(newest, {k: (s + y[k]) / (len(kept) + 1) for k, s in total.items()})
-            )
+            summed = {k: s + y[k] for k, s in total.items()}
+            average = {k: s / (len(kept) + 1) for k, s in summed.items()}
+            candidate = evaluate(_stored(newest, average))
             if sign * candidate >= sign * score:
-                total = {k: s + y[k] for k, s in total.items()}
+                total, score = summed, candidate
                 kept.append(ck.path)
-                score = candidate
     return Soup(singles, tuple(kept), score)
 
 

@@ -34,6 +34,17 @@ def _choice(name: str, value: str, allowed: tuple[str, ...]) -> str:
     return value
 
 
+def _is_count(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def count_arg(name: str, value, minimum: int) -> int:
+    """`value` if it is an int (not a bool) of at least `minimum`; else a clear ValueError."""
+    if not _is_count(value) or value < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum}; got {value!r}")
+    return value
+
+
 class Averager(keras.callbacks.Callback):
     """Base class: the shadow weights and everything done with them around `fit`.
 
@@ -58,9 +69,7 @@ class Averager(keras.callbacks.Callback):
         self.swap_on_epoch = bool(swap_on_epoch)
         self.final_weights = _choice("final_weights", final_weights, FINAL_WEIGHTS)
         self.non_trainable = _choice("non_trainable", non_trainable, NON_TRAINABLE)
-        if save_freq != "epoch" and not (
-            isinstance(save_freq, int) and not isinstance(save_freq, bool) and save_freq > 0
-        ):
+        if save_freq != "epoch" and not (_is_count(save_freq) and save_freq > 0):
             raise ValueError(f"save_freq must be 'epoch' or a positive int; got {save_freq!r}")
         self.save_freq = save_freq
         self.state_path = Path(state_path) if state_path is not None else None
@@ -74,7 +83,6 @@ class Averager(keras.callbacks.Callback):
         self._tracked: list | None = None  # the model variables averaged
         self._shadow: list = []
         self._raw: list | None = None  # the raw weights, while the model shows the average
-        self._resume = False  # set by on_train_begin: resume or start at the first epoch
         self._started = False
         self._fit = None  # the History of the fit this callback last joined: identifies it
         self._epoch = 0
@@ -107,13 +115,11 @@ class Averager(keras.callbacks.Callback):
     def _fold(self, share) -> None:
         """Move the shadow by `share` towards the model's weights, on the weights' device."""
         for s, v in zip(self._shadow, self._tracked, strict=True):
-            w = ops.cast(v, s.dtype)
-            if not isinstance(share, float):
-                s.assign(s + ops.cast(share, s.dtype) * (w - s))
-            elif share == 1.0:
-                s.assign(_copy(v, s.dtype))  # exact, where the general form could be 1 ulp off
-            else:
-                s.assign(s + share * (w - s))
+            if isinstance(share, float) and share == 1.0:  # exact, where a fold may be 1 ulp off
+                s.assign(_copy(v, s.dtype))
+                continue
+            step = share if isinstance(share, float) else ops.cast(share, s.dtype)
+            s.assign(s + step * (ops.cast(v, s.dtype) - s))
 
     def averaged_weights(self) -> dict[str, np.ndarray]:
         """The shadow, by variable path, in float32 (float64 for float64 variables)."""
@@ -257,20 +263,18 @@ class Averager(keras.callbacks.Callback):
                 self._show_raw()
             else:
                 self._raw = None  # someone replaced the weights since: train from theirs
-        self._resume = True
         if self.validate != "raw":
             self.model.evaluate = self._evaluate  # replaces one left by an interrupted fit
 
     def on_epoch_begin(self, epoch, logs=None):
         self._epoch = epoch
         self._show_raw()
-        if self._resume and not self._started:  # now BackupAndRestore has restored the model
+        if not self._started:  # only now has BackupAndRestore restored the model
             if self.state_path is not None and self.state_path.exists():
                 self.load_state(self.state_path)
             else:
                 self._start()
             self._started = True
-        self._resume = False
 
     def on_epoch_end(self, epoch, logs=None):
         if self.save_freq == "epoch":

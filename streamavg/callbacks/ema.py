@@ -8,7 +8,7 @@ import weakref
 import keras
 from keras import ops
 
-from .averager import Averager
+from .averager import Averager, count_arg
 
 NOT_STARTED = 2**31 - 1  # the start step while waiting for `start_epoch` (fits int32, for JAX)
 _HOOKS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # optimizer -> {owner: hook}
@@ -95,17 +95,13 @@ class EMA(Averager):
         for key in ("half_life_steps", "half_life_epochs"):
             if horizons[key] is not None and not horizons[key] > 0:
                 raise ValueError(f"{key} must be positive; got {horizons[key]}")
-        if not _is_count(update_every) or update_every < 1:
-            raise ValueError(f"update_every must be an int >= 1; got {update_every!r}")
-        if not _is_count(start_step) or start_step < 0:
-            raise ValueError(f"start_step must be an int >= 0; got {start_step!r}")
-        if start_epoch is not None and (not _is_count(start_epoch) or start_epoch < 0):
-            raise ValueError(f"start_epoch must be an int >= 0; got {start_epoch!r}")
-        if start_step and start_epoch is not None:
-            raise ValueError("give start_step or start_epoch, not both")
+        self.update_every = count_arg("update_every", update_every, 1)
+        self.start_step = count_arg("start_step", start_step, 0)
+        if start_epoch is not None:
+            count_arg("start_epoch", start_epoch, 0)
+            if start_step:
+                raise ValueError("give start_step or start_epoch, not both")
         self.warmup = bool(warmup)
-        self.update_every = update_every
-        self.start_step = start_step
         self.start_epoch = start_epoch
         self.half_life_epochs = half_life_epochs
         if half_life_steps is not None:
@@ -224,10 +220,6 @@ class EMA(Averager):
 
 def _int(variable) -> int:
     return int(ops.convert_to_numpy(variable))
-
-
-def _is_count(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _innermost(optimizer):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from ..errors import UsageError
 from ..schemes import scheme_weights
-from .averager import Averager
+from .averager import Averager, count_arg
 
 
 class WindowAverage(Averager):
@@ -49,11 +49,9 @@ class WindowAverage(Averager):
             scheme_weights(scheme, 1, alpha=alpha)
         except UsageError as e:
             raise ValueError(str(e).replace("--alpha", "alpha")) from None
-        if isinstance(start_epoch, bool) or not isinstance(start_epoch, int) or start_epoch < 0:
-            raise ValueError(f"start_epoch must be an int >= 0; got {start_epoch!r}")
         self.scheme = scheme
         self.alpha = alpha
-        self.start_epoch = start_epoch
+        self.start_epoch = count_arg("start_epoch", start_epoch, 0)
         self._count = 0  # epochs folded in
         self._folded = False  # whether this epoch is folded in yet
 
