@@ -20,7 +20,7 @@ import numpy as np
 from ._version import __version__
 from .engine import fold, model_tensors, open_all
 from .errors import UsageError
-from .formats import SUFFIXES, Checkpoint, Tensor
+from .formats import SUFFIXES, Checkpoint
 from .output import atomic_output, check_output, default_output, h5_like, weights_file
 from .schemes import scheme_weights
 from .select import select_checkpoints
@@ -100,17 +100,12 @@ def run(
             [t.name for t in averaged],
             optimizer=optimizer == "newest",
             provenance=provenance,
-        ) as out:
-
-            def write(t: Tensor, rows: slice | tuple, values: np.ndarray) -> None:
-                ds = out[t.name]
-                ds.write_direct(values.view(ds.dtype), dest_sel=rows or None)
-
+        ) as write:
             fold(
                 checkpoints,
                 np.array(p.weights),
                 averaged,
-                write,
+                lambda t, rows, values: write(t.name, values, rows or None),
                 allow_nonfinite=allow_nonfinite,
                 progress=progress,
             )

@@ -9,8 +9,10 @@ number of checkpoints while the result matches the in-memory reference.
 
 from __future__ import annotations
 
+import math
 import os
 import sys
+import threading
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
@@ -21,7 +23,7 @@ from .errors import StreamavgError
 from .formats import Checkpoint, Tensor
 
 PIECE_BYTES = 1 << 20  # float64 accumulator per piece: stays in the CPU cache
-WORKERS = min(8, 2 * (os.cpu_count() or 1))  # measured: two per core keep both cores busy
+WORKERS = min(8, os.cpu_count() or 1)  # reads and numpy release the GIL: one per core
 
 Write = Callable[[Tensor, "slice | tuple", np.ndarray], None]
 
@@ -80,6 +82,11 @@ def pieces(shape: tuple[int, ...]) -> Iterator[slice | tuple]:
         yield slice(start, min(start + step, shape[0]))
 
 
+def _shape(t: Tensor, rows: slice | tuple) -> tuple[int, ...]:
+    """The shape of `rows` of tensor `t`."""
+    return () if rows == () else (rows.stop - rows.start, *t.shape[1:])
+
+
 def fold(
     checkpoints: Sequence[Checkpoint],
     weights: np.ndarray,
@@ -89,16 +96,24 @@ def fold(
     allow_nonfinite: bool = False,
     progress: bool = False,
 ) -> None:
-    """Average `tensors` across `checkpoints` (oldest first) and hand each piece to `write`.
+    """Average `tensors` across `checkpoints` (oldest first) and hand each piece to `write`,
+    which must copy it before returning: the buffer is reused for the next piece.
 
     Pieces are independent, so they run on a few threads: reads and numpy release the GIL.
     """
     scale = weights.sum()
+    work = [(t, rows) for t in tensors for rows in pieces(t.shape)]
+    largest = max((math.prod(_shape(t, rows)) for t, rows in work), default=0)
+    scratch = threading.local()  # per-thread buffers, reused: no page faults per piece
 
     def piece(t: Tensor, rows: slice | tuple) -> int:
-        shape = () if rows == () else (rows.stop - rows.start, *t.shape[1:])
-        buf = np.empty(shape, t.stored)
-        acc, tmp = np.empty(shape), np.empty(shape)
+        if not hasattr(scratch, "acc"):
+            scratch.acc, scratch.tmp = np.empty(largest), np.empty(largest)
+            scratch.raw = np.empty(largest * 8, np.uint8)
+        shape = _shape(t, rows)
+        size = math.prod(shape)
+        buf = scratch.raw[: size * t.dtype.itemsize].view(t.stored).reshape(shape)
+        acc, tmp = scratch.acc[:size].reshape(shape), scratch.tmp[:size].reshape(shape)
         for i, ck in enumerate(checkpoints):
             ck.read(t.name, rows, buf)
             term = acc if i == 0 else tmp
@@ -109,12 +124,14 @@ def fold(
         if not allow_nonfinite and not np.isfinite(acc).all():
             _blame_nonfinite(checkpoints, t, rows, buf)
         acc /= scale
-        write(t, rows, acc.astype(t.dtype))
+        out = buf.view(t.dtype)  # the inputs are folded in: reuse their buffer for the result
+        np.copyto(out, acc, casting="unsafe")
+        write(t, rows, out)
         return buf.nbytes * len(checkpoints)
 
     bar = _progress_bar(sum(t.nbytes for t in tensors) * len(checkpoints)) if progress else None
     with ThreadPoolExecutor(WORKERS) as pool:
-        futures = [pool.submit(piece, t, rows) for t in tensors for rows in pieces(t.shape)]
+        futures = [pool.submit(piece, t, rows) for t, rows in work]
         try:
             for f in futures:
                 done = f.result()

@@ -71,9 +71,9 @@ def keras_scorer(
         with Checkpoint(newest) as template, tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / f"average{suffix}"
             # The template's optimizer state comes along, so Keras finds what it expects.
-            with h5_like(template, path, tensors, optimizer=True, provenance={}) as out:
-                for name, ds in out.items():
-                    ds.write_direct(tensors[name].view(ds.dtype))
+            with h5_like(template, path, tensors, optimizer=True, provenance={}) as write:
+                for name, values in tensors.items():
+                    write(name, values)
             model.load_weights(path)
         return float(model.evaluate(x, y, return_dict=True, verbose=0)[metric])
 
