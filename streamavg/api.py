@@ -18,7 +18,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from ._version import __version__
-from .engine import fold, model_tensors, open_all
+from .engine import MIN_MEMORY, fold, model_tensors, open_all
 from .errors import UsageError
 from .formats import SUFFIXES, Checkpoint
 from .output import atomic_output, check_output, default_output, h5_like, weights_file
@@ -71,11 +71,18 @@ def run(
     optimizer: str = "drop",
     overwrite: bool = False,
     allow_nonfinite: bool = False,
+    max_memory: int | None = None,
     progress: bool = False,
 ) -> Result:
-    """Average the plan's checkpoints into `output`, a file in their own format."""
+    """Average the plan's checkpoints into `output`, a file in their own format.
+
+    `max_memory` caps the working buffers in bytes (default: a few MiB per core, which
+    is fastest); memory never grows with the model's size or the number of checkpoints.
+    """
     if optimizer not in OPTIMIZER_POLICIES:
         raise UsageError(f"--optimizer must be one of {', '.join(OPTIMIZER_POLICIES)}")
+    if max_memory is not None and max_memory < MIN_MEMORY:
+        raise UsageError(f"--max-memory must be at least {MIN_MEMORY >> 20}M")
     with ExitStack() as stack:
         checkpoints = open_all(p.files, stack)
         newest = checkpoints[-1]
@@ -105,7 +112,8 @@ def run(
                 checkpoints,
                 np.array(p.weights),
                 averaged,
-                lambda t, rows, values: write(t.name, values, rows or None),
+                lambda t, index, values: write(t.name, values, index),
+                max_memory=max_memory,
                 allow_nonfinite=allow_nonfinite,
                 progress=progress,
             )
@@ -156,8 +164,8 @@ def average_tensors(
         averaged = [t for t in tensors.values() if t.averaged]
         result |= {t.name: np.empty(t.shape, t.dtype) for t in averaged}
 
-        def write(t, rows, values):
-            result[t.name][rows] = values
+        def write(t, index, values):
+            result[t.name][index] = values
 
         fold(checkpoints, np.array(p.weights), averaged, write, allow_nonfinite=allow_nonfinite)
     return {n: result[n] for n in tensors}

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import resource
 import sys
 import time
@@ -64,6 +65,13 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="average NaN and Inf instead of refusing them",
     )
+    out.add_argument(
+        "--max-memory",
+        metavar="SIZE",
+        type=_size,
+        help="cap the working buffers, e.g. 64M or 1G (default: a few MiB per core, fastest); "
+        "memory never grows with the model's size or the number of checkpoints",
+    )
     out.add_argument("-q", "--quiet", action="store_true", help="no progress bar or weight table")
     p.add_argument("--version", action="version", version=f"streamavg {__version__}")
     return p
@@ -103,6 +111,17 @@ def _floats(text: str) -> list[float]:
         ) from None
 
 
+UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+
+
+def _size(text: str) -> int:
+    """A byte count such as 256M or 1GiB (binary units)."""
+    match = re.fullmatch(r"(\d+(?:\.\d*)?)([KMG]?)(?:i?B)?", text.strip(), re.IGNORECASE)
+    if match is None:
+        raise argparse.ArgumentTypeError(f"not a size such as 256M or 1G: {text!r}")
+    return int(float(match[1]) * UNITS[match[2].upper()])
+
+
 def _table(p: Plan) -> str:
     rows = [f"{'#':>3}  {'weight':>8}  file"]
     rows += [
@@ -136,6 +155,7 @@ def _average(argv: Sequence[str]) -> int:
         optimizer=args.optimizer,
         overwrite=args.overwrite,
         allow_nonfinite=args.allow_nonfinite,
+        max_memory=args.max_memory,
         progress=not args.quiet,
     )
     peak_mb = _peak_rss_kib() / 1024

@@ -11,35 +11,46 @@ from __future__ import annotations
 
 import math
 import os
+import resource
 import sys
 import threading
-from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections import deque
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import ExitStack
 
 import numpy as np
 
 from .errors import StreamavgError
-from .formats import Checkpoint, Tensor
+from .formats import Checkpoint, Tensor, block_shape, blocks
 
 PIECE_BYTES = 1 << 20  # float64 accumulator per piece: stays in the CPU cache
+BYTES_PER_ELEMENT = 24  # a worker's buffers: float64 sum and term, stored values (<= 8 bytes)
+MIN_MEMORY = 1 << 20  # the smallest --max-memory: below it, per-call overhead dominates
+MIN_PIECE = 1 << 14  # elements; smaller pieces cost more in per-call overhead than they save
+FD_RESERVE = 64  # file descriptors left for the interpreter, HDF5 and the output
 WORKERS = min(8, os.cpu_count() or 1)  # reads and numpy release the GIL: one per core
 
-Write = Callable[[Tensor, "slice | tuple", np.ndarray], None]
+Write = Callable[[Tensor, tuple[slice, ...], np.ndarray], None]
 
 
 def open_all(paths: Sequence, stack: ExitStack) -> list[Checkpoint]:
     """Open every checkpoint (metadata only), each checked against the newest as it comes.
 
     An older checkpoint whose model can be read straight from its file lets go of its
-    HDF5 handle at once, so memory stays flat however many checkpoints there are.
+    HDF5 handle at once, so memory stays flat however many checkpoints there are; with
+    more checkpoints than the open-file limit allows, it closes its file between reads.
     """
     newest = stack.enter_context(Checkpoint(paths[-1]))
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    too_many = soft != resource.RLIM_INFINITY and len(paths) > soft - FD_RESERVE
     older = []
     for path in paths[:-1]:
         ck = stack.enter_context(Checkpoint(path))
         check_matches(ck, newest)
         ck.drop_hdf5()
+        if too_many:
+            ck.release()
         older.append(ck)
     return [*older, newest]
 
@@ -71,20 +82,16 @@ def _describe(t: Tensor) -> str:
     return f"shape {t.shape} {t.dtype}"
 
 
-def pieces(shape: tuple[int, ...]) -> Iterator[slice | tuple]:
-    """Row slices of a tensor whose float64 size is about PIECE_BYTES (at least one row)."""
-    if not shape:
-        yield ()
-        return
-    row = int(np.prod(shape[1:], dtype=np.int64)) * 8
-    step = max(1, PIECE_BYTES // max(row, 1))
-    for start in range(0, shape[0], step):
-        yield slice(start, min(start + step, shape[0]))
+def piece_layout(max_memory: int | None) -> tuple[int, int]:
+    """Worker threads and elements per piece whose buffers fit in `max_memory` bytes.
 
-
-def _shape(t: Tensor, rows: slice | tuple) -> tuple[int, ...]:
-    """The shape of `rows` of tensor `t`."""
-    return () if rows == () else (rows.stop - rows.start, *t.shape[1:])
+    Each worker holds a float64 sum, a float64 term and the stored values: 24 bytes an
+    element at most. Without a budget, pieces are PIECE_BYTES of float64 on every core.
+    """
+    if max_memory is None:
+        return WORKERS, PIECE_BYTES // 8
+    workers = max(1, min(WORKERS, max_memory // (BYTES_PER_ELEMENT * MIN_PIECE)))
+    return workers, max(1, min(PIECE_BYTES // 8, max_memory // (workers * BYTES_PER_ELEMENT)))
 
 
 def fold(
@@ -93,6 +100,7 @@ def fold(
     tensors: Sequence[Tensor],
     write: Write,
     *,
+    max_memory: int | None = None,
     allow_nonfinite: bool = False,
     progress: bool = False,
 ) -> None:
@@ -100,43 +108,53 @@ def fold(
     which must copy it before returning: the buffer is reused for the next piece.
 
     Pieces are independent, so they run on a few threads: reads and numpy release the GIL.
+    Only a few pieces are in flight at once, so memory depends on neither the model's size
+    nor the number of checkpoints.
     """
     scale = weights.sum()
-    work = [(t, rows) for t in tensors for rows in pieces(t.shape)]
-    largest = max((math.prod(_shape(t, rows)) for t, rows in work), default=0)
+    workers, elements = piece_layout(max_memory)
     scratch = threading.local()  # per-thread buffers, reused: no page faults per piece
 
-    def piece(t: Tensor, rows: slice | tuple) -> int:
+    def piece(t: Tensor, index: tuple[slice, ...]) -> int:
         if not hasattr(scratch, "acc"):
-            scratch.acc, scratch.tmp = np.empty(largest), np.empty(largest)
-            scratch.raw = np.empty(largest * 8, np.uint8)
-        shape = _shape(t, rows)
+            scratch.acc, scratch.tmp = np.empty(elements), np.empty(elements)
+            scratch.raw = np.empty(elements * 8, np.uint8)
+        shape = block_shape(t.shape, index)
         size = math.prod(shape)
-        buf = scratch.raw[: size * t.dtype.itemsize].view(t.stored).reshape(shape)
+        buf = scratch.raw[: size * t.stored.itemsize].view(t.stored).reshape(shape)
         acc, tmp = scratch.acc[:size].reshape(shape), scratch.tmp[:size].reshape(shape)
         for i, ck in enumerate(checkpoints):
-            ck.read(t.name, rows, buf)
+            ck.read(t.name, index, buf)
             term = acc if i == 0 else tmp
             np.copyto(term, buf.view(t.dtype))  # exact widening to float64
             term *= weights[i]
             if i:
                 acc += tmp
         if not allow_nonfinite and not np.isfinite(acc).all():
-            _blame_nonfinite(checkpoints, t, rows, buf)
+            _blame_nonfinite(checkpoints, t, index, buf)
         acc /= scale
         out = buf.view(t.dtype)  # the inputs are folded in: reuse their buffer for the result
         np.copyto(out, acc, casting="unsafe")
-        write(t, rows, out)
+        write(t, index, out)
         return buf.nbytes * len(checkpoints)
 
     bar = _progress_bar(sum(t.nbytes for t in tensors) * len(checkpoints)) if progress else None
-    with ThreadPoolExecutor(WORKERS) as pool:
-        futures = [pool.submit(piece, t, rows) for t, rows in work]
+    with ThreadPoolExecutor(workers) as pool:
+        in_flight: deque[Future[int]] = deque()
+
+        def finish_one() -> None:
+            done = in_flight.popleft().result()
+            if bar is not None:
+                bar.update(done)
+
         try:
-            for f in futures:
-                done = f.result()
-                if bar is not None:
-                    bar.update(done)
+            for t in tensors:
+                for index in blocks(t.shape, elements):
+                    in_flight.append(pool.submit(piece, t, index))
+                    if len(in_flight) > 2 * workers:
+                        finish_one()
+            while in_flight:
+                finish_one()
         except BaseException:
             pool.shutdown(cancel_futures=True)
             raise
@@ -154,9 +172,11 @@ def _progress_bar(total: int):
     return tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="averaging")
 
 
-def _blame_nonfinite(checkpoints: Sequence[Checkpoint], t: Tensor, rows, buf: np.ndarray) -> None:
+def _blame_nonfinite(
+    checkpoints: Sequence[Checkpoint], t: Tensor, index: tuple[slice, ...], buf: np.ndarray
+) -> None:
     for ck in checkpoints:
-        ck.read(t.name, rows, buf)
+        ck.read(t.name, index, buf)
         if not np.isfinite(buf.view(t.dtype)).all():
             raise StreamavgError(
                 f"{ck.path}: {t.name}: contains NaN or Inf "

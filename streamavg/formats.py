@@ -12,6 +12,7 @@ import math
 import os
 import struct
 import zipfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import BinaryIO, NamedTuple
 
@@ -188,6 +189,8 @@ class Checkpoint:
             raise StreamavgError(f"{self.path}: corrupt HDF5 ({_reason(e)})") from None
         if not zipped:
             self._fd = os.open(self.path, os.O_RDONLY)
+        if self._fd is not None:
+            self._identity = _identity(os.fstat(self._fd))
         fmt = _classify(self.h5, zipped)
         if fmt is None:
             self.close()
@@ -235,18 +238,24 @@ class Checkpoint:
         if self._fd is not None and stored.isnative:
             self._offsets[name] = self._base + offset
 
-    def read(self, name: str, rows: slice | tuple, out: np.ndarray) -> None:
-        """Read `rows` of tensor `name` into `out` (stored dtype); failures name file and tensor."""
+    def read(self, name: str, index: tuple[slice, ...], out: np.ndarray) -> None:
+        """Read block `index` of tensor `name` (`()`: all of it) into `out`, in the stored
+        dtype; failures name the file and the tensor. Blocks come from :func:`blocks`."""
         offset = self._offsets.get(name)
         if not out.nbytes:
             return
         try:
             if offset is None:
-                h5py.Dataset(self._datasets[name]).read_direct(out, source_sel=rows)
+                h5py.Dataset(self._datasets[name]).read_direct(out, source_sel=index or None)
                 return
-            if rows != ():
-                offset += rows.start * (out.nbytes // len(out))
-            if os.preadv(self._fd, [out.reshape(-1).view(np.uint8)], offset) != out.nbytes:
+            offset += flat_start(self.tensors[name].shape, index) * out.itemsize
+            fd = self._fd if self._fd is not None else self._reopen()
+            try:
+                got = os.preadv(fd, [out.reshape(-1).view(np.uint8)], offset)
+            finally:
+                if fd != self._fd:
+                    os.close(fd)
+            if got != out.nbytes:
                 raise OSError("unexpected end of file")
         except (OSError, RuntimeError, TypeError) as e:
             raise StreamavgError(f"{self.path}: {name}: unreadable ({_reason(e)})") from None
@@ -255,8 +264,28 @@ class Checkpoint:
         """All of tensor `name`, in its logical dtype."""
         t = self.tensors[name]
         out = np.empty(t.shape, t.stored)
-        self.read(name, slice(0, t.shape[0]) if t.shape else (), out)
+        self.read(name, (), out)
         return out.view(t.dtype)
+
+    def release(self) -> None:
+        """Close the file between reads, for more checkpoints than open files allow.
+
+        Each read then reopens it by path and checks that it is still the same file.
+        """
+        if self._datasets:
+            raise StreamavgError(
+                f"{self.path}: too many checkpoints for the open-file limit, and this one is "
+                "stored chunked or compressed, so it must stay open (raise `ulimit -n`)"
+            )
+        self.close()
+        self._fd = None
+
+    def _reopen(self) -> int:
+        fd = os.open(self.path, os.O_RDONLY)
+        if _identity(os.fstat(fd)) != self._identity:
+            os.close(fd)
+            raise StreamavgError(f"{self.path}: changed while being averaged")
+        return fd
 
     def drop_hdf5(self) -> None:
         """Close the HDF5 handle if every model tensor can be read straight from the file."""
@@ -279,6 +308,44 @@ class Checkpoint:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def blocks(shape: tuple[int, ...], elements: int) -> Iterator[tuple[slice, ...]]:
+    """Cover a C-ordered tensor with contiguous blocks of at most `elements` elements (or one).
+
+    A block is a run along the outermost axis whose inner rows fit, with every axis before
+    it fixed, so it is one byte range in the file and one HDF5 hyperslab.
+
+    >>> list(blocks((2, 3), 4))
+    [(slice(0, 1, None),), (slice(1, 2, None),)]
+    """
+    if not shape:
+        yield ()
+        return
+    axis = next(k for k in range(len(shape)) if math.prod(shape[k + 1 :]) <= elements)
+    step = max(1, elements // max(1, math.prod(shape[axis + 1 :])))
+    for lead in np.ndindex(*shape[:axis]):
+        fixed = tuple(slice(i, i + 1) for i in lead)
+        for start in range(0, shape[axis], step):
+            yield (*fixed, slice(start, min(start + step, shape[axis])))
+
+
+def block_shape(shape: tuple[int, ...], index: tuple[slice, ...]) -> tuple[int, ...]:
+    """The shape of block `index` of a tensor of `shape`."""
+    return (*(s.stop - s.start for s in index), *shape[len(index) :])
+
+
+def flat_start(shape: tuple[int, ...], index: tuple[slice, ...]) -> int:
+    """Where block `index` starts in a C-ordered tensor of `shape`, in elements."""
+    start = 0
+    for k, n in enumerate(shape):
+        start = start * n + (index[k].start if k < len(index) else 0)
+    return start
+
+
+def _identity(st: os.stat_result) -> tuple[int, ...]:
+    """What must not change while a file is being read: which file, its size, its mtime."""
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
 
 
 def _reason(e: BaseException) -> str:

@@ -15,7 +15,7 @@ import h5py
 import numpy as np
 
 from .errors import UsageError
-from .formats import OPTIMIZER_GROUP, SUFFIXES, WEIGHTS_MEMBER, Checkpoint
+from .formats import OPTIMIZER_GROUP, SUFFIXES, WEIGHTS_MEMBER, Checkpoint, flat_start
 
 OUTPUT_DIR = "averaged"  # default outputs go here, out of reach of a later scan of the inputs
 
@@ -81,9 +81,9 @@ def h5_like(
     *,
     optimizer: bool,
     provenance: dict,
-) -> Iterator[Callable[[str, np.ndarray, slice | None], None]]:
-    """Write an HDF5 file shaped like `template`; yield `write(name, values, rows=None)`
-    that fills the `fresh` tensors, whole or a slice of rows at a time.
+) -> Iterator[Callable[[str, np.ndarray, tuple[slice, ...]], None]]:
+    """Write an HDF5 file shaped like `template`; yield `write(name, values, index=())`
+    that fills the `fresh` tensors, whole or a block (from `formats.blocks`) at a time.
 
     Groups, attributes, dtypes and storage layout are copied, and so are the other tensors
     with their data; the optimizer group is left out unless `optimizer` is true. Contiguous
@@ -126,15 +126,14 @@ def h5_like(
         fd = os.open(path, os.O_WRONLY)
         try:
 
-            def write(name: str, values: np.ndarray, rows: slice | None = None) -> None:
+            def write(name: str, values: np.ndarray, index: tuple[slice, ...] = ()) -> None:
                 ds = created[name]
                 data = np.ascontiguousarray(values).view(ds.dtype)
                 offset = offsets.get(name)
                 if offset is None:
-                    ds.write_direct(data, dest_sel=rows)
+                    ds.write_direct(data, dest_sel=index or None)
                     return
-                if rows is not None:
-                    offset += rows.start * (data.nbytes // len(data))
+                offset += flat_start(ds.shape, index) * data.itemsize
                 view = memoryview(data.reshape(-1).view(np.uint8))
                 while view:
                     done = os.pwritev(fd, [view], offset)

@@ -212,6 +212,20 @@ BAD = {
         "{d}/taken.weights.h5: already exists (pass --overwrite to replace it)",
         2,
     ),
+    "max memory too small": (
+        "k3-weights",
+        None,
+        ["--max-memory", "512K"],
+        "--max-memory must be at least 1M",
+        2,
+    ),
+    "max memory not a size": (
+        "k3-weights",
+        None,
+        ["--max-memory", "lots"],
+        "argument --max-memory: not a size such as 256M or 1G: 'lots'",
+        2,
+    ),
     "unknown option": ("k3-weights", None, ["--bogus"], "unrecognized arguments: --bogus", 2),
 }
 

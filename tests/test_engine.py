@@ -1,0 +1,112 @@
+"""The fold: blocks that tile every tensor, bounded memory, and more files than open files."""
+
+from __future__ import annotations
+
+import math
+import os
+import resource
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import files, ulp_distance
+from hypothesis import given
+from hypothesis import strategies as st
+
+import streamavg
+from streamavg.engine import BYTES_PER_ELEMENT, MIN_MEMORY, piece_layout
+from streamavg.formats import block_shape, blocks, flat_start
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+
+@given(
+    shape=st.lists(st.integers(0, 6), max_size=4).map(tuple),
+    elements=st.integers(1, 40),
+)
+def test_blocks_tile_a_tensor_in_order_with_contiguous_pieces(shape, elements):
+    flat = np.arange(math.prod(shape)).reshape(shape)
+    seen = []
+    for index in blocks(shape, elements):
+        piece = flat[index]
+        assert piece.shape == block_shape(shape, index)
+        assert piece.size <= elements or piece.size == 1
+        if piece.size:  # one run of consecutive elements, starting where flat_start says
+            assert piece.ravel()[0] == flat_start(shape, index)
+            assert np.array_equal(np.diff(piece.ravel()), np.ones(piece.size - 1))
+        seen.extend(piece.ravel().tolist())
+    assert seen == list(range(flat.size))
+
+
+@given(st.integers(MIN_MEMORY, 1 << 34))
+def test_piece_layout_fits_the_budget(max_memory):
+    workers, elements = piece_layout(max_memory)
+    assert workers >= 1 and elements >= 1
+    assert workers * elements * BYTES_PER_ELEMENT <= max_memory
+    assert piece_layout(max_memory) <= piece_layout(None)
+
+
+@pytest.fixture(scope="module")
+def wide(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Real checkpoints whose kernel rows (40,000 floats) are wider than a 1M budget's pieces."""
+    keras = pytest.importorskip("keras")
+    root = tmp_path_factory.mktemp("wide")
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(32, 4)).astype("float32"), rng.normal(size=(32, 1)).astype("float32")
+    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(40_000), keras.layers.Dense(1)])
+    model.compile(optimizer="sgd", loss="mse")
+    saves = [keras.callbacks.ModelCheckpoint(str(root / s / f"m_{{epoch}}.{s}")) for s in FORMATS]
+    for s in FORMATS:
+        (root / s).mkdir()
+    model.fit(x, y, epochs=3, verbose=0, callbacks=saves)
+    return root
+
+
+FORMATS = ("keras", "h5")
+
+
+@pytest.mark.parametrize("suffix", FORMATS)
+def test_bounded_memory_gives_the_default_result(wide, tmp_path, suffix):
+    _, elements = piece_layout(MIN_MEMORY)
+    assert elements < 40_000  # the kernel is split within its rows
+    default, bounded = tmp_path / f"default.{suffix}", tmp_path / f"bounded.{suffix}"
+    streamavg.average([wide / suffix], scheme="linear", output=default)
+    streamavg.average([wide / suffix], scheme="linear", output=bounded, max_memory=MIN_MEMORY)
+    got, want = streamavg.average_tensors([bounded]), streamavg.average_tensors([default])
+    inputs = [streamavg.average_tensors([p]) for p in files(wide / suffix)]
+    weights = streamavg.scheme_weights("linear", len(inputs))
+    assert list(got) == list(want) and any(v.shape == (4, 40_000) for v in got.values())
+    for name, value in got.items():
+        reference = np.average(
+            np.array([x[name] for x in inputs], np.float64), axis=0, weights=weights
+        )
+        assert np.array_equal(value, want[name]), name
+        assert ulp_distance(value, reference.astype(value.dtype)) <= 1, name
+
+
+def _limit_open_files(limit: int):
+    def preexec() -> None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (limit, limit))
+
+    return preexec
+
+
+def test_more_checkpoints_than_open_files(checkpoints, tmp_path):
+    """50 checkpoints under a hard limit of 40 open files: each is reopened for every read."""
+    sources = files(checkpoints / "k3-keras")
+    many = tmp_path / "many"
+    many.mkdir()
+    for i in range(50):
+        shutil.copy(sources[i % len(sources)], many / f"model_{i:02d}.keras")
+    out = tmp_path / "avg.keras"
+    cmd = [sys.executable, "-m", "streamavg", str(many), "-o", str(out), "--quiet"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, preexec_fn=_limit_open_files(40))
+    assert proc.returncode == 0, proc.stderr
+    inputs = [streamavg.average_tensors([p]) for p in files(many)]
+    for name, value in streamavg.average_tensors([out]).items():
+        if value.dtype.kind == "f":
+            reference = np.mean(np.array([x[name] for x in inputs], np.float64), axis=0)
+            assert ulp_distance(value, reference.astype(value.dtype)) <= 1, name
