@@ -17,11 +17,12 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
+from . import keras_zip
 from ._version import __version__
 from .engine import MIN_MEMORY, fold, model_tensors, open_all
 from .errors import UsageError
 from .formats import SUFFIXES, Checkpoint
-from .output import atomic_output, check_output, default_output, h5_like, weights_file
+from .output import atomic_output, check_output, default_output, h5_like
 from .schemes import scheme_weights
 from .select import select_checkpoints
 
@@ -99,14 +100,16 @@ def run(
             "files": [f.name for f in p.files],
             "weights": list(p.weights),
         }
-        tmp = stack.enter_context(atomic_output(dest, overwrite))
-        h5_path = stack.enter_context(weights_file(newest, tmp))
+        need = sum(t.nbytes for t in averaged)
+        tmp = stack.enter_context(atomic_output(dest, overwrite, need=need))
+        zipped = newest.format == "keras"
         with h5_like(
             newest,
-            h5_path,
+            tmp,
             [t.name for t in averaged],
             optimizer=optimizer == "newest",
             provenance=provenance,
+            userblock=keras_zip.HEADER if zipped else 0,
         ) as write:
             fold(
                 checkpoints,
@@ -117,6 +120,8 @@ def run(
                 allow_nonfinite=allow_nonfinite,
                 progress=progress,
             )
+        if zipped:
+            keras_zip.finish(newest.path, tmp)
     return Result(dest, p.files, p.weights)
 
 
