@@ -7,7 +7,9 @@ import json
 import os
 import re
 import resource
+import signal
 import sys
+import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -178,6 +180,7 @@ def _peak_rss_kib() -> int:
 def inspect(path: str) -> str:
     """A readable listing of a checkpoint: format, tensors, shapes, dtypes and sizes."""
     with Checkpoint(path, optimizer=True) as ck:
+        ck.check_heaps()
         attrs = ck.h5.attrs
         lines = [f"{ck.path}: {ck.format}, {ck.size:,} bytes of weights"]
         if "keras_version" in attrs:
@@ -256,9 +259,20 @@ def _sweep(argv: Sequence[str]) -> int:
     return 0
 
 
+class _Stopped(BaseException):
+    """SIGTERM, raised like KeyboardInterrupt so that every temporary file is cleaned up."""
+
+
+def _stop(signum: int, frame: object) -> None:
+    raise _Stopped
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the command line; return the exit status (0, 1 for bad input, 2 for bad usage)."""
+    """Run the command line; return the exit status (0, 1 for bad input, 2 for bad usage,
+    128 + the signal's number after SIGINT or SIGTERM)."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    in_main = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _stop) if in_main else None
     try:
         commands = {"inspect": _inspect, "sweep": _sweep}
         if argv[:1] and argv[0] in commands:
@@ -273,6 +287,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except OSError as e:
         print(f"streamavg: error: {e.filename or ''}: {e.strerror or e}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        print("streamavg: interrupted; nothing was written", file=sys.stderr)
-        return 130
+    except (KeyboardInterrupt, _Stopped) as e:
+        sig = signal.SIGTERM if isinstance(e, _Stopped) else signal.SIGINT
+        print(f"streamavg: stopped by {sig.name}; temporary files removed", file=sys.stderr)
+        return 128 + sig
+    finally:
+        if in_main:
+            signal.signal(signal.SIGTERM, previous)

@@ -155,6 +155,8 @@ def fold(
                         finish_one()
             while in_flight:
                 finish_one()
+            for ck in checkpoints:
+                ck.check_unchanged()
         except BaseException:
             pool.shutdown(cancel_futures=True)
             raise

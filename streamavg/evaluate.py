@@ -50,6 +50,7 @@ def keras_scorer(
     import keras
 
     with Checkpoint(newest) as ck:
+        ck.check_heaps()  # Keras is about to decode its attributes
         if ck.format not in ARCHITECTURES:
             raise UsageError(
                 f"{newest}: a {ck.format} file holds no model to evaluate; "
@@ -57,7 +58,11 @@ def keras_scorer(
             )
         fmt = ck.format
     x, y = load_data(data)
-    model = keras.saving.load_model(newest, safe_mode=True)
+    try:
+        model = keras.saving.load_model(newest, safe_mode=True)
+    except (ValueError, TypeError) as e:  # safe mode refuses code: lambdas, custom objects
+        reason = str(e).split(". ")[0].strip()
+        raise StreamavgError(f"{newest}: cannot load the model in safe mode ({reason})") from None
     if not getattr(model, "compiled", False):
         raise UsageError(f"{newest}: the model was saved without compile(); no loss to evaluate")
     names = list(model.evaluate(x[:1], y[:1], return_dict=True, verbose=0))

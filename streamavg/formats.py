@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import math
 import os
+import re
 import struct
 import zipfile
 from collections.abc import Iterator
@@ -38,6 +39,9 @@ OPTIMIZER_GROUP = {
     "legacy-h5": "optimizer_weights",
 }
 _MODEL_GROUP = {"legacy-h5": "model_weights"}
+#: What h5py raises on damaged metadata, depending on where the damage is met.
+HDF5_ERRORS = (OSError, RuntimeError, KeyError, ValueError)
+MAX_EXPANSION = 1100  # deflate expands at most about 1032:1; more than that is a bomb or a lie
 
 
 class Tensor(NamedTuple):
@@ -106,11 +110,13 @@ def _open_member(path: Path) -> tuple[BinaryIO, int]:
     """Open the weights member of a `.keras` zip in place, without extracting it."""
     try:
         with zipfile.ZipFile(path) as zf:
-            info = zf.getinfo(WEIGHTS_MEMBER)
-    except KeyError:
-        raise StreamavgError(f"{path}: .keras archive has no {WEIGHTS_MEMBER}") from None
-    except (zipfile.BadZipFile, OSError, EOFError) as e:
+            members = zf.infolist()
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError) as e:
         raise StreamavgError(f"{path}: corrupt .keras archive ({e})") from None
+    check_members(path, members)
+    info = next((m for m in members if m.filename == WEIGHTS_MEMBER), None)
+    if info is None:
+        raise StreamavgError(f"{path}: .keras archive has no {WEIGHTS_MEMBER}")
     if info.compress_type != zipfile.ZIP_STORED:  # not as Keras writes it; decompress on the fly
         return zipfile.ZipFile(path).open(info), info.file_size
     raw = open(path, "rb", buffering=0)  # noqa: SIM115 - owned by the returned window
@@ -124,6 +130,24 @@ def _open_member(path: Path) -> tuple[BinaryIO, int]:
         raw.close()
         raise StreamavgError(f"{path}: corrupt .keras archive (truncated {WEIGHTS_MEMBER})")
     return _Window(raw, start, info.file_size), info.file_size
+
+
+def check_members(path: Path, members: list[zipfile.ZipInfo]) -> None:
+    """Refuse a hostile archive: duplicate or escaping names, or sizes no data could have."""
+    seen: set[str] = set()
+    for m in members:
+        name = m.filename
+        if name in seen:
+            raise StreamavgError(f"{path}: {name}: duplicate member in .keras archive")
+        if name.startswith(("/", "\\")) or ".." in name.replace("\\", "/").split("/"):
+            raise StreamavgError(f"{path}: {name}: member path escapes the .keras archive")
+        seen.add(name)
+        stored = m.compress_type == zipfile.ZIP_STORED
+        if m.file_size > (m.compress_size if stored else MAX_EXPANSION * max(1, m.compress_size)):
+            raise StreamavgError(
+                f"{path}: {name}: declares {m.file_size:,} bytes from {m.compress_size:,} "
+                "(a zip bomb?)"
+            )
 
 
 def _sniff(path: Path) -> bytes:
@@ -170,6 +194,7 @@ class Checkpoint:
     def __init__(self, path: str | os.PathLike, *, optimizer: bool = False) -> None:
         self.path = Path(path)
         magic = _sniff(self.path)
+        self._identity = _identity(self.path.stat())
         zipped = magic.startswith(_ZIP_MAGIC)
         if not zipped and magic != _HDF5_MAGIC:
             raise StreamavgError(f"{self.path}: not a Keras checkpoint (neither HDF5 nor .keras)")
@@ -186,25 +211,25 @@ class Checkpoint:
             self.h5 = h5py.File(self._member or self.path, "r")
         except OSError as e:
             self._close_member()
-            raise StreamavgError(f"{self.path}: corrupt HDF5 ({_reason(e)})") from None
+            if "unable to lock file" in str(e):
+                raise StreamavgError(
+                    f"{self.path}: open for writing in another process (still being saved?)"
+                ) from None
+            raise StreamavgError(f"{self.path}: corrupt HDF5 ({reason(e)})") from None
         if not zipped:
             self._fd = os.open(self.path, os.O_RDONLY)
-        if self._fd is not None:
-            self._identity = _identity(os.fstat(self._fd))
-        fmt = _classify(self.h5, zipped)
-        if fmt is None:
-            self.close()
-            raise StreamavgError(f"{self.path}: HDF5 file holds no Keras weights")
-        self.format = fmt
         self.tensors: dict[str, Tensor] = {}
         self._datasets: dict[str, h5py.h5d.DatasetID] = {}
         self._offsets: dict[str, int] = {}  # absolute file offsets of contiguous native data
-        skip = None if optimizer else OPTIMIZER_GROUP.get(fmt)
         try:
-            self._walk(skip)
-        except (OSError, RuntimeError, KeyError) as e:
+            fmt = _classify(self.h5, zipped)
+            if fmt is None:
+                raise StreamavgError(f"{self.path}: HDF5 file holds no Keras weights")
+            self.format = fmt
+            self._walk(None if optimizer else OPTIMIZER_GROUP.get(fmt))
+        except HDF5_ERRORS as e:
             self.close()
-            raise StreamavgError(f"{self.path}: corrupt HDF5 ({_reason(e)})") from None
+            raise StreamavgError(f"{self.path}: corrupt HDF5 ({reason(e)})") from None
         except StreamavgError:
             self.close()
             raise
@@ -224,19 +249,70 @@ class Checkpoint:
 
     def _add(self, name: str, dsid: h5py.h5d.DatasetID) -> None:
         stored, shape = dsid.dtype, dsid.shape
+        if shape is None:  # an HDF5 "null" dataspace holds nothing at all
+            raise StreamavgError(f"{self.path}: {name}: empty dataspace")
         tensor = Tensor(name, shape, logical_dtype(stored), _part(self.format, name), stored)
         self.tensors[name] = tensor
         self._datasets[name] = dsid
-        contiguous = (
-            shape is not None and dsid.get_create_plist().get_layout() == h5py.h5d.CONTIGUOUS
-        )
-        if tensor.part != "model" or not contiguous or not tensor.nbytes:
+        if tensor.part != "model":
+            return
+        if not _supported(stored) or dsid.get_type().get_size() != stored.itemsize:
+            raise StreamavgError(f"{self.path}: {name}: unsupported dtype {stored}")
+        if not tensor.nbytes:
+            return
+        layout = dsid.get_create_plist().get_layout()
+        if layout == h5py.h5d.CHUNKED:
+            self._check_chunks(tensor, dsid)
+        if layout != h5py.h5d.CONTIGUOUS:
             return
         offset = dsid.get_offset()
         if offset is None or offset + tensor.nbytes > self.size:
             raise StreamavgError(f"{self.path}: {name}: data is missing (truncated file?)")
         if self._fd is not None and stored.isnative:
             self._offsets[name] = self._base + offset
+
+    def _check_chunks(self, t: Tensor, dsid: h5py.h5d.DatasetID) -> None:
+        """Every chunk written, and no more data declared than its bytes could expand to."""
+        chunks = dsid.get_create_plist().get_chunk()
+        expected = math.prod(-(-n // c) for n, c in zip(t.shape, chunks, strict=True))
+        if dsid.get_num_chunks() != expected:
+            raise StreamavgError(f"{self.path}: {t.name}: data is missing (chunks never written)")
+        if t.nbytes > MAX_EXPANSION * max(1, dsid.get_storage_size()):
+            raise StreamavgError(
+                f"{self.path}: {t.name}: declares {t.nbytes:,} bytes, "
+                f"far more than its {dsid.get_storage_size():,} stored bytes can hold"
+            )
+
+    def check_heaps(self) -> None:
+        """Refuse a global heap that HDF5 would loop on forever when decoding a string
+        attribute: a zero-size free-space object before its end. Call this before reading
+        the attributes of an untrusted file; it reads only the bytes around the tensors.
+        """
+        extents = []
+
+        def note(name: bytes, info) -> None:
+            if info.type == h5py.h5o.TYPE_DATASET:
+                dsid = h5py.h5d.open(self.h5.id, name)
+                offset = dsid.get_offset()
+                if offset is not None:
+                    extents.append((offset, offset + dsid.get_storage_size()))
+
+        try:
+            h5py.h5o.visit(self.h5.id, note, info=True)
+        except HDF5_ERRORS as e:
+            raise StreamavgError(f"{self.path}: corrupt HDF5 ({reason(e)})") from None
+        position = 0
+        for start, end in [*sorted(extents), (self.size, self.size)]:
+            if start > position:
+                _check_heaps_in(self.path, self._image(position, start - position))
+            position = max(position, end)
+
+    def _image(self, offset: int, size: int) -> bytes:
+        """`size` bytes of the HDF5 image from `offset`: the file, or the .keras member."""
+        if self._fd is not None:
+            return os.pread(self._fd, size, self._base + offset)
+        self._member.seek(offset)
+        return self._member.read(size)
 
     def read(self, name: str, index: tuple[slice, ...], out: np.ndarray) -> None:
         """Read block `index` of tensor `name` (`()`: all of it) into `out`, in the stored
@@ -258,7 +334,7 @@ class Checkpoint:
             if got != out.nbytes:
                 raise OSError("unexpected end of file")
         except (OSError, RuntimeError, TypeError) as e:
-            raise StreamavgError(f"{self.path}: {name}: unreadable ({_reason(e)})") from None
+            raise StreamavgError(f"{self.path}: {name}: unreadable ({reason(e)})") from None
 
     def read_whole(self, name: str) -> np.ndarray:
         """All of tensor `name`, in its logical dtype."""
@@ -282,10 +358,19 @@ class Checkpoint:
 
     def _reopen(self) -> int:
         fd = os.open(self.path, os.O_RDONLY)
-        if _identity(os.fstat(fd)) != self._identity:
+        try:
+            self.check_unchanged(os.fstat(fd))
+        except StreamavgError:
             os.close(fd)
-            raise StreamavgError(f"{self.path}: changed while being averaged")
+            raise
         return fd
+
+    def check_unchanged(self, st: os.stat_result | None = None) -> None:
+        """Refuse a file that changed since it was opened: it is still being written."""
+        if _identity(st or self.path.stat()) != self._identity:
+            raise StreamavgError(
+                f"{self.path}: changed while being averaged (still being written?)"
+            )
 
     def drop_hdf5(self) -> None:
         """Close the HDF5 handle if every model tensor can be read straight from the file."""
@@ -343,12 +428,44 @@ def flat_start(shape: tuple[int, ...], index: tuple[slice, ...]) -> int:
     return start
 
 
+def _supported(stored: np.dtype) -> bool:
+    """Model tensors are IEEE floats, bfloat16 (2-byte opaque), integers or booleans."""
+    if stored.kind == "f":
+        return stored.itemsize in (2, 4, 8)
+    return stored.kind in "iub" or (
+        stored.kind == "V" and stored.itemsize == 2 and not stored.names
+    )
+
+
 def _identity(st: os.stat_result) -> tuple[int, ...]:
     """What must not change while a file is being read: which file, its size, its mtime."""
     return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
 
 
-def _reason(e: BaseException) -> str:
+def _check_heaps_in(path: Path, metadata: bytes) -> None:
+    """Walk every global heap collection ("GCOL", version 1) found in `metadata` as HDF5
+    does, and refuse one whose walk would never advance."""
+    at = metadata.find(b"GCOL")
+    while at >= 0:
+        if metadata[at + 4 : at + 5] == b"\x01" and len(metadata) >= at + 16:
+            (size,) = struct.unpack_from("<Q", metadata, at + 8)
+            p, end = at + 16, min(at + size, len(metadata))
+            while p + 16 <= end:
+                index, _, _, length = struct.unpack_from("<HHIQ", metadata, p)
+                step = length if index == 0 else 16 + -(-length // 8) * 8
+                if step == 0:
+                    raise StreamavgError(f"{path}: corrupt HDF5 (empty object in a global heap)")
+                p += step
+        at = metadata.find(b"GCOL", at + 4)
+
+
+def system_errno(e: BaseException) -> int | None:
+    """The operating system's error number behind `e`, also when HDF5 wraps it in text."""
+    found = re.search(r"errno = (\d+)", str(e))
+    return getattr(e, "errno", None) or (int(found[1]) if found else None)
+
+
+def reason(e: BaseException) -> str:
     """The last clause of an HDF5 error, which names the cause without the call stack."""
     text = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
     return text.rstrip(")").split("(", 1)[-1].strip() if "(" in text else text

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import resource
 import shutil
+import socket
 import tempfile
-import zipfile
 from collections.abc import Callable, Collection, Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
@@ -14,8 +16,16 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from .errors import UsageError
-from .formats import OPTIMIZER_GROUP, SUFFIXES, WEIGHTS_MEMBER, Checkpoint, flat_start
+from .errors import StreamavgError, UsageError
+from .formats import (
+    HDF5_ERRORS,
+    OPTIMIZER_GROUP,
+    SUFFIXES,
+    Checkpoint,
+    flat_start,
+    reason,
+    system_errno,
+)
 
 OUTPUT_DIR = "averaged"  # default outputs go here, out of reach of a later scan of the inputs
 
@@ -33,6 +43,8 @@ def check_output(dest: Path, inputs: Collection[Path], overwrite: bool) -> None:
     for p in inputs:
         if dest.resolve() == p.resolve() or (dest.exists() and os.path.samefile(dest, p)):
             raise UsageError(f"{dest}: output is one of the inputs")
+    if dest.is_symlink():
+        raise UsageError(f"{dest}: is a symbolic link (name its target, or remove the link)")
     if dest.exists() and not overwrite:
         raise UsageError(f"{dest}: already exists (pass --overwrite to replace it)")
     if dest.is_dir():
@@ -40,37 +52,132 @@ def check_output(dest: Path, inputs: Collection[Path], overwrite: bool) -> None:
 
 
 @contextmanager
-def atomic_output(dest: Path, overwrite: bool, suffix: str = ".tmp") -> Iterator[Path]:
-    """Yield a temporary path beside `dest`; durably rename it onto `dest` if the block succeeds.
+def atomic_output(
+    dest: Path, overwrite: bool, suffix: str = ".tmp", *, need: int = 0
+) -> Iterator[Path]:
+    """Yield a temporary path beside `dest`; durably move it onto `dest` if the block succeeds.
 
-    On failure the temporary file goes, and so do the directories made for `dest`. The
-    temporary name ends with `suffix`, for writers that insist on one (Keras's save_weights).
+    The temporary file is named `.DEST.streamavg-PID@HOST.XXXXXXXX.tmp`, so a killed run's
+    leftovers are recognisable, and the next run in that folder removes them.
+    On failure (or SIGINT/SIGTERM) the temporary file goes, and so do the directories made
+    for `dest`. Without `overwrite`, the final step refuses an output that another run put
+    in place meanwhile. `need` is a lower bound on the bytes to be written, checked first.
+    The temporary name ends with `suffix`, for writers that insist on one (Keras).
     """
     made = [d for d in (dest.parent, *dest.parent.parents) if not d.exists()]
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=suffix)
-    os.close(fd)
-    tmp = Path(name)
     try:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        _remove_leftovers(dest.parent)
+        fd, tmp = _temp(dest, suffix)
+    except OSError as e:
+        _remove_dirs(made)
+        raise StreamavgError(f"{dest}: cannot write ({_why(e)})") from None
+    except BaseException:
+        _remove_dirs(made)
+        raise
+    try:
+        _check_space(dest, need)
         yield tmp
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        check_output(dest, (), overwrite)  # it may have appeared while we worked
-        os.replace(tmp, dest)
+        os.fsync(fd)
+        _publish(tmp, dest, overwrite)
         dir_fd = os.open(dest.parent, os.O_RDONLY)
         try:
             os.fsync(dir_fd)
         finally:
             os.close(dir_fd)
+    except OSError as e:
+        _discard(tmp, made)
+        raise StreamavgError(f"{dest}: cannot write ({_why(e)})") from None
     except BaseException:
-        tmp.unlink(missing_ok=True)
-        for d in made:
-            with suppress(OSError):
-                d.rmdir()
+        _discard(tmp, made)
         raise
+    finally:
+        os.close(fd)
+
+
+TEMP_MARK = ".streamavg-"  # every temporary name: `.DEST.streamavg-PID@HOST.XXXXXXXX.SUFFIX`
+_OWNER = re.compile(re.escape(TEMP_MARK) + r"(\d+)@([\w-]*)\.")
+
+
+def _host() -> str:
+    return re.sub(r"[^\w-]", "-", socket.gethostname())
+
+
+def _temp(dest: Path, suffix: str) -> tuple[int, Path]:
+    """A new temporary file beside `dest`, named for this process so leftovers can be told."""
+    prefix = f".{dest.name}{TEMP_MARK}{os.getpid()}@{_host()}."
+    fd, name = tempfile.mkstemp(dir=dest.parent, prefix=prefix, suffix=suffix)
+    return fd, Path(name)
+
+
+def _remove_leftovers(directory: Path) -> None:
+    """Delete temporary files that runs on this host left in `directory` when they died."""
+    for path in directory.glob(f".*{TEMP_MARK}*"):
+        owner = _OWNER.search(path.name)
+        if owner is None or owner[2] != _host() or _alive(int(owner[1])):
+            continue
+        with suppress(OSError):
+            path.unlink()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    return True
+
+
+def _check_space(dest: Path, need: int) -> None:
+    """Refuse to start when `need` bytes cannot fit: free space, or the file size limit."""
+    free = shutil.disk_usage(dest.parent).free
+    if need > free:
+        raise StreamavgError(
+            f"{dest}: needs at least {need:,} bytes, only {free:,} free in {dest.parent}"
+        )
+    limit, _ = resource.getrlimit(resource.RLIMIT_FSIZE)
+    if limit != resource.RLIM_INFINITY and need > limit:
+        raise StreamavgError(
+            f"{dest}: needs at least {need:,} bytes, above the file size limit of {limit:,}"
+        )
+
+
+def _publish(tmp: Path, dest: Path, overwrite: bool) -> None:
+    """Move `tmp` onto `dest`; without `overwrite`, atomically refuse an existing `dest`."""
+    if overwrite:
+        os.replace(tmp, dest)
+        return
+    try:
+        os.link(tmp, dest)  # fails if dest exists, even if it appeared a moment ago
+    except FileExistsError:
+        raise UsageError(f"{dest}: already exists (pass --overwrite to replace it)") from None
+    except OSError:  # no hard links on this file system: check, then rename
+        check_output(dest, (), overwrite)
+        os.replace(tmp, dest)
+        return
+    tmp.unlink()
+
+
+def _why(e: OSError) -> str:
+    """The system's reason for a failed write, also when HDF5 reports it inside its message."""
+    errno = system_errno(e)
+    return os.strerror(errno) if errno else reason(e)
+
+
+def _discard(tmp: Path, made: list[Path]) -> None:
+    tmp.unlink(missing_ok=True)
+    _remove_dirs(made)
+
+
+def _remove_dirs(made: list[Path]) -> None:
+    for d in made:
+        with suppress(OSError):
+            d.rmdir()
 
 
 @contextmanager
@@ -81,6 +188,7 @@ def h5_like(
     *,
     optimizer: bool,
     provenance: dict,
+    userblock: int = 0,
 ) -> Iterator[Callable[[str, np.ndarray, tuple[slice, ...]], None]]:
     """Write an HDF5 file shaped like `template`; yield `write(name, values, index=())`
     that fills the `fresh` tensors, whole or a block (from `formats.blocks`) at a time.
@@ -88,7 +196,8 @@ def h5_like(
     Groups, attributes, dtypes and storage layout are copied, and so are the other tensors
     with their data; the optimizer group is left out unless `optimizer` is true. Contiguous
     fresh tensors get their file space up front and are written with `os.pwritev`, which
-    runs on any thread without the GIL; others go through h5py.
+    runs on any thread without the GIL; others go through h5py. The first `userblock`
+    bytes are left for the caller (a `.keras` archive's zip header).
     """
     fresh = set(fresh)
     created: dict[str, h5py.Dataset] = {}
@@ -120,8 +229,14 @@ def h5_like(
             else:
                 src.copy(obj, dst, key)
 
-    with h5py.File(path, "w") as out:
-        replicate(template.h5, out)
+    with h5py.File(path, "w", userblock_size=userblock) as out:
+        try:
+            template.check_heaps()  # before any of its attributes is decoded
+            replicate(template.h5, out)
+        except HDF5_ERRORS as e:
+            if isinstance(e, OSError) and system_errno(e):
+                raise  # the output could not be written
+            raise StreamavgError(f"{template.path}: corrupt HDF5 ({reason(e)})") from None
         out.attrs["streamavg"] = json.dumps(provenance)
         fd = os.open(path, os.O_WRONLY)
         try:
@@ -147,28 +262,3 @@ def h5_like(
 def _copy_attrs(src: h5py.HLObject, dst: h5py.HLObject) -> None:
     for key in src.attrs:
         dst.attrs.create(key, src.attrs[key], dtype=src.attrs.get_id(key).dtype)
-
-
-@contextmanager
-def weights_file(template: Checkpoint, dest: Path) -> Iterator[Path]:
-    """Where the HDF5 weights go: `dest` itself, or for a `.keras` archive a temporary file
-    beside it, packed into `dest` with the template's other members once written."""
-    if template.format != "keras":
-        yield dest
-        return
-    with tempfile.NamedTemporaryFile(dir=dest.parent, prefix=dest.name, suffix=".h5") as h5:
-        yield Path(h5.name)
-        _pack_keras(template, Path(h5.name), dest)
-
-
-def _pack_keras(template: Checkpoint, weights_file: Path, dest: Path) -> None:
-    """Write a `.keras` archive: the template's members, with `weights_file` as its weights."""
-    with zipfile.ZipFile(template.path) as src, zipfile.ZipFile(dest, "w") as out:
-        for info in src.infolist():
-            if info.filename != WEIGHTS_MEMBER:
-                out.writestr(info, src.read(info))
-                continue
-            member = zipfile.ZipInfo(WEIGHTS_MEMBER, date_time=info.date_time)
-            member.compress_type = info.compress_type
-            with open(weights_file, "rb") as f, out.open(member, "w", force_zip64=True) as w:
-                shutil.copyfileobj(f, w, 1 << 20)

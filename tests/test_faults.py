@@ -1,0 +1,340 @@
+"""Faults and hostile files: signals, full disks, concurrent runs, inputs still being written,
+archives and datasets built to hurt. Each test fails without the guarantee it names."""
+
+from __future__ import annotations
+
+import os
+import re
+import resource
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import warnings
+import zipfile
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+from conftest import files, snapshot
+
+import streamavg
+from streamavg.cli import main
+from streamavg.formats import WEIGHTS_MEMBER, Checkpoint
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+LINKS = 80  # hard links to one real checkpoint: a run that lasts a while, at no disk cost
+
+
+@pytest.fixture(scope="module")
+def slow(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """LINKS names for one 24 MB Keras checkpoint: averaging them takes the better part of
+    a second, long enough to signal, kill or race a run while it writes."""
+    keras = pytest.importorskip("keras")
+    root = tmp_path_factory.mktemp("slow")
+    model = keras.Sequential(
+        [keras.Input((1000,)), keras.layers.Dense(2000), keras.layers.Dense(2000)]
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # Keras's note on the legacy .h5 format
+        model.save(root / "model.h5")
+    (root / "ckpts").mkdir()
+    for i in range(LINKS):
+        os.link(root / "model.h5", root / "ckpts" / f"model_{i:03d}.h5")
+    return root / "ckpts"
+
+
+def start(*args: object, preexec=None) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "streamavg", *map(str, args), "--quiet"]
+    return subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, preexec_fn=preexec)
+
+
+def temporary(directory: Path) -> list[Path]:
+    return sorted(directory.glob(".*.streamavg-*"))
+
+
+def wait_for_temporary(directory: Path, proc: subprocess.Popen) -> Path:
+    """The run's temporary output, as soon as it exists: the run is then writing."""
+    while not temporary(directory):
+        assert proc.poll() is None, proc.stderr.read()
+        time.sleep(0.002)
+    return temporary(directory)[0]
+
+
+def limit(kind: int, value: int):
+    def preexec() -> None:
+        resource.setrlimit(kind, (value, value))
+
+    return preexec
+
+
+# -- 1. killed runs ------------------------------------------------------------------------
+
+
+def test_sigkill_leaves_no_output_and_the_next_run_removes_the_leftover(
+    slow, checkpoints, tmp_path
+):
+    out = tmp_path / "avg.h5"
+    proc = start(slow, "-o", out)
+    temp = wait_for_temporary(tmp_path, proc)
+    proc.kill()
+    proc.wait()
+    assert not out.exists()
+    assert re.fullmatch(rf"\.avg\.h5\.streamavg-{proc.pid}@[\w-]+\.\w+\.tmp", temp.name)
+    assert temp.exists()  # clearly named, hidden, and not *.h5: no scan takes it for an input
+    again = start(checkpoints / "k3-h5", "-o", tmp_path / "other.h5")
+    assert again.wait() == 0, again.stderr.read()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["other.h5"]
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_sigint_and_sigterm_remove_the_temporary_file(slow, tmp_path, sig):
+    out = tmp_path / "new" / "avg.h5"
+    proc = start(slow, "-o", out)
+    wait_for_temporary(out.parent, proc)
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=60)
+    assert (proc.returncode, err) == (
+        128 + sig,
+        f"streamavg: stopped by {sig.name}; temporary files removed\n",
+    )
+    assert list(tmp_path.iterdir()) == []  # the folder made for the output went too
+
+
+# -- 2. full disk, write errors ------------------------------------------------------------
+
+
+def need(path: Path) -> int:
+    with Checkpoint(path) as ck:
+        return sum(t.nbytes for t in ck.tensors.values() if t.averaged)
+
+
+def test_output_larger_than_the_file_size_limit_is_refused_before_starting(checkpoints, tmp_path):
+    src = checkpoints / "k3-weights"
+    out = tmp_path / "avg.weights.h5"
+    n = need(files(src)[-1])
+    proc = start(src, "-o", out, preexec=limit(resource.RLIMIT_FSIZE, n - 1))
+    _, err = proc.communicate()
+    assert (proc.returncode, err) == (
+        1,
+        f"streamavg: error: {out}: needs at least {n:,} bytes, "
+        f"above the file size limit of {n - 1:,}\n",
+    )
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("case", ["k3-weights", "k3-keras", "k3-h5"])
+def test_disk_full_while_writing_gives_one_line_and_no_file(checkpoints, tmp_path, case):
+    """The data fits the limit (the check passes) but the whole file does not: writes fail."""
+    src = checkpoints / case
+    out = tmp_path / f"avg{''.join(files(src)[-1].suffixes)}"
+    proc = start(src, "-o", out, preexec=limit(resource.RLIMIT_FSIZE, need(files(src)[-1])))
+    _, err = proc.communicate()
+    assert (proc.returncode, err) == (
+        1,
+        f"streamavg: error: {out}: cannot write (File too large)\n",
+    )
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_unwritable_destination_gives_one_line(checkpoints, capsys):
+    out = Path("/sys/streamavg-test.weights.h5")  # sysfs takes no new files, even from root
+    assert main([str(checkpoints / "k3-weights"), "-o", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert re.fullmatch(
+        rf"streamavg: error: {out}: cannot write \((Permission denied|Read-only file system)\)\n",
+        err,
+    )
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes through permissions")
+def test_read_only_directory_gives_one_line(checkpoints, tmp_path, capsys):
+    tmp_path.chmod(0o555)
+    try:
+        out = tmp_path / "avg.weights.h5"
+        assert main([str(checkpoints / "k3-weights"), "-o", str(out)]) == 1
+        assert capsys.readouterr().err == (
+            f"streamavg: error: {out}: cannot write (Permission denied)\n"
+        )
+    finally:
+        tmp_path.chmod(0o755)
+
+
+def test_symlinked_output_is_refused(checkpoints, tmp_path, capsys):
+    target, link = tmp_path / "target.weights.h5", tmp_path / "link.weights.h5"
+    link.symlink_to(target)
+    for extra in ([], ["--overwrite"]):
+        assert main([str(checkpoints / "k3-weights"), "-o", str(link), *extra]) == 2
+        assert capsys.readouterr().err == (
+            f"streamavg: error: {link}: is a symbolic link (name its target, or remove the link)\n"
+        )
+    assert not target.exists() and link.is_symlink()
+
+
+# -- 4. hostile archives and datasets -------------------------------------------------------
+
+
+def rezip(path: Path, extra: list[tuple[str, bytes]]) -> None:
+    """Rewrite a .keras archive with its members, then `extra` ones."""
+    with zipfile.ZipFile(path) as src:
+        members = [(i, src.read(i)) for i in src.infolist()]
+    with zipfile.ZipFile(path, "w") as out, warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # zipfile warns of the duplicate we mean to write
+        for info, data in members:
+            out.writestr(info, data)
+        for name, data in extra:
+            out.writestr(name, data)
+
+
+def declare_huge(path: Path) -> None:
+    """Make the central directory claim the weights member expands to 4 GB (a zip bomb)."""
+    data = bytearray(path.read_bytes())
+    entry = data.find(b"PK\x01\x02")
+    while entry >= 0:
+        name_len = int.from_bytes(data[entry + 28 : entry + 30], "little")
+        if data[entry + 46 : entry + 46 + name_len] == WEIGHTS_MEMBER.encode():
+            data[entry + 24 : entry + 28] = (0xFFFF_FFF0).to_bytes(4, "little")
+        entry = data.find(b"PK\x01\x02", entry + 4)
+    path.write_bytes(bytes(data))
+
+
+def replace_dataset(name: str, **kwargs):
+    def change(path: Path) -> None:
+        with h5py.File(path, "a") as f:
+            del f[name]
+            f.create_dataset(name, **kwargs)
+
+    return change
+
+
+KERNEL = "layers/dense/vars/0"
+HOSTILE = {
+    "duplicate member": (
+        "k3-keras",
+        lambda p: rezip(p, [(WEIGHTS_MEMBER, b"\x89HDF\r\n\x1a\n")]),
+        f"{WEIGHTS_MEMBER}: duplicate member in .keras archive",
+    ),
+    "member escapes": (
+        "k3-keras",
+        lambda p: rezip(p, [("../../evil.sh", b"rm -rf ~")]),
+        "../../evil.sh: member path escapes the .keras archive",
+    ),
+    "absolute member": (
+        "k3-keras",
+        lambda p: rezip(p, [("/etc/cron.d/evil", b"* * * * * root true")]),
+        "/etc/cron.d/evil: member path escapes the .keras archive",
+    ),
+    "zip bomb": (
+        "k3-keras",
+        declare_huge,
+        f"{WEIGHTS_MEMBER}: declares 4,294,967,280 bytes from ",
+    ),
+    "enormous declared shape": (
+        "k3-weights",
+        replace_dataset(KERNEL, shape=(10**12,), dtype="f4", chunks=(1 << 16,)),
+        f"{KERNEL}: data is missing (chunks never written)",
+    ),
+    "compound dtype": (
+        "k3-weights",
+        replace_dataset(KERNEL, data=np.zeros((6, 16), [("a", "<f4")])),
+        f"{KERNEL}: unsupported dtype [('a', '<f4')]",
+    ),
+    "string dtype": (
+        "k3-weights",
+        replace_dataset(KERNEL, data=np.full((6, 16), b"nan")),
+        f"{KERNEL}: unsupported dtype |S3",
+    ),
+}
+
+
+@pytest.mark.parametrize("name", list(HOSTILE))
+def test_hostile_files_are_refused_before_anything_is_read(case_copy, tmp_path, capsys, name):
+    case, damage, message = HOSTILE[name]
+    d = case_copy(case)
+    victim = files(d)[1]
+    damage(victim)
+    before = snapshot(d)
+    assert main([str(d), "-o", str(tmp_path / f"avg{''.join(victim.suffixes)}")]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"streamavg: error: {victim}: {message}") and err.count("\n") == 1
+    assert snapshot(d) == before
+
+
+def test_safe_mode_refuses_a_lambda_layer_that_averaging_never_runs(tmp_path, capsys):
+    keras = pytest.importorskip("keras")
+    model = keras.Sequential(
+        [keras.Input((3,)), keras.layers.Lambda(lambda x: x * 2), keras.layers.Dense(2)]
+    )
+    model.compile(optimizer="sgd", loss="mse")
+    for epoch in (1, 2):
+        model.save(tmp_path / f"model_{epoch}.keras")
+    np.savez(tmp_path / "data.npz", x=np.ones((4, 3), "f4"), y=np.ones((4, 2), "f4"))
+    out = tmp_path / "out" / "avg.keras"
+    assert main([str(tmp_path), "--pattern", "*.keras", "-o", str(out), "--quiet"]) == 0
+    capsys.readouterr()
+    newest = tmp_path / "model_2.keras"
+    assert main(["sweep", str(newest), "--data", str(tmp_path / "data.npz")]) == 1
+    assert capsys.readouterr().err == (
+        f"streamavg: error: {newest}: cannot load the model in safe mode (Requested the "
+        "deserialization of a `Lambda` layer whose `function` is a Python lambda)\n"
+    )
+
+
+# -- 5. concurrent use, inputs still being written ------------------------------------------
+
+
+def test_two_runs_writing_one_output_never_mix(slow, checkpoints, tmp_path):
+    """Both finish; the output is all of one average or all of the other, never a blend."""
+    out = tmp_path / "avg.h5"
+    runs = [start(src, "-o", out, "--overwrite") for src in (slow, checkpoints / "k3-h5")]
+    assert [r.wait() for r in runs] == [0, 0]
+    got = streamavg.average_tensors([out])
+    candidates = [streamavg.average_tensors([src]) for src in (slow, checkpoints / "k3-h5")]
+    assert any(
+        list(got) == list(c) and all(np.array_equal(got[k], c[k]) for k in c) for c in candidates
+    )
+    assert temporary(tmp_path) == []
+
+
+def test_two_runs_without_overwrite_one_wins_the_other_refuses(slow, tmp_path):
+    out = tmp_path / "avg.h5"
+    runs = [start(slow, "-o", out) for _ in range(2)]
+    results = sorted((r.wait(), r.stderr.read()) for r in runs)
+    assert results == [
+        (0, ""),
+        (2, f"streamavg: error: {out}: already exists (pass --overwrite to replace it)\n"),
+    ]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["avg.h5"]
+
+
+def test_input_open_for_writing_is_refused(case_copy, tmp_path, capsys):
+    d = case_copy("k3-weights")
+    victim = files(d)[2]
+    with h5py.File(victim, "a"):  # as a training process saving into it would hold it
+        proc = start(d, "-o", tmp_path / "avg.weights.h5")
+        _, err = proc.communicate()
+    assert (proc.returncode, err) == (
+        1,
+        f"streamavg: error: {victim}: open for writing in another process (still being saved?)\n",
+    )
+
+
+def test_input_that_changes_during_the_run_is_refused(slow, tmp_path):
+    d = tmp_path / "ckpts"
+    shutil.copytree(slow, d, copy_function=os.link)
+    newest = files(d)[-1]
+    newest.unlink()
+    shutil.copy(files(slow)[-1], newest)  # its own inode, unlike the links
+    out = tmp_path / "out" / "avg.h5"
+    proc = start(d, "-o", out)
+    wait_for_temporary(out.parent, proc)
+    with newest.open("ab") as f:  # a trainer still appending to it
+        f.write(b"\0")
+    _, err = proc.communicate()
+    assert (proc.returncode, err) == (
+        1,
+        f"streamavg: error: {newest}: changed while being averaged (still being written?)\n",
+    )
+    assert not out.parent.exists()
