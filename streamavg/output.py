@@ -9,7 +9,9 @@ import resource
 import shutil
 import socket
 import tempfile
+import threading
 from collections.abc import Callable, Collection, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager, suppress
 from pathlib import Path
 
@@ -27,6 +29,7 @@ from .formats import (
     system_errno,
 )
 
+FLUSH_BYTES = 64 << 20  # start writing to disk after this much new data, not all at the end
 OUTPUT_DIR = "averaged"  # default outputs go here, out of reach of a later scan of the inputs
 
 
@@ -239,9 +242,13 @@ def h5_like(
             raise StreamavgError(f"{template.path}: corrupt HDF5 ({reason(e)})") from None
         out.attrs["streamavg"] = json.dumps(provenance)
         fd = os.open(path, os.O_WRONLY)
+        flusher = ThreadPoolExecutor(1)  # sends written data to disk while the fold goes on
+        flushing: list[Future] = []
+        written, lock = 0, threading.Lock()
         try:
 
             def write(name: str, values: np.ndarray, index: tuple[slice, ...] = ()) -> None:
+                nonlocal written
                 ds = created[name]
                 data = np.ascontiguousarray(values).view(ds.dtype)
                 offset = offsets.get(name)
@@ -253,10 +260,18 @@ def h5_like(
                 while view:
                     done = os.pwritev(fd, [view], offset)
                     view, offset = view[done:], offset + done
+                with lock:
+                    written += data.nbytes
+                    if written >= FLUSH_BYTES and not (flushing and flushing[-1].running()):
+                        written = 0
+                        flushing.append(flusher.submit(os.fdatasync, fd))
 
             yield write
         finally:
+            flusher.shutdown()
             os.close(fd)
+        for f in flushing:
+            f.result()
 
 
 def _copy_attrs(src: h5py.HLObject, dst: h5py.HLObject) -> None:

@@ -8,6 +8,7 @@ import re
 import resource
 import shutil
 import signal
+import struct
 import subprocess
 import sys
 import time
@@ -260,6 +261,25 @@ def test_hostile_files_are_refused_before_anything_is_read(case_copy, tmp_path, 
     err = capsys.readouterr().err
     assert err.startswith(f"streamavg: error: {victim}: {message}") and err.count("\n") == 1
     assert snapshot(d) == before
+
+
+def test_a_global_heap_that_would_hang_hdf5_is_refused(case_copy, tmp_path):
+    """HDF5 loops forever on a zero-size object in a global heap, where Keras keeps the
+    newest checkpoint's model config: found by the fuzz test, checked before decoding."""
+    d = case_copy("k3-h5")
+    newest = files(d)[-1]
+    data = bytearray(newest.read_bytes())
+    first = data.find(b"GCOL") + 16
+    (length,) = struct.unpack_from("<Q", data, first + 8)
+    second = first + 16 + -(-length // 8) * 8
+    data[second : second + 16] = bytes(16)
+    newest.write_bytes(bytes(data))
+    proc = start(d, "-o", tmp_path / "avg.h5")
+    _, err = proc.communicate(timeout=60)
+    assert (proc.returncode, err) == (
+        1,
+        f"streamavg: error: {newest}: corrupt HDF5 (empty object in a global heap)\n",
+    )
 
 
 def test_safe_mode_refuses_a_lambda_layer_that_averaging_never_runs(tmp_path, capsys):
