@@ -225,6 +225,17 @@ def link_newest(ckpts: Path, target: Path, n: int, fmt: str) -> None:
         (target / path.name).symlink_to(path.resolve())
 
 
+def evict(ckpts: Path) -> None:
+    """Drop every generated checkpoint from the page cache, so that no earlier point's files
+    crowd out this point's (no privileges needed: posix_fadvise)."""
+    for path in ckpts.rglob("model_*"):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
 def warm_cache(directory: Path) -> None:
     """Read every file once so that timings start from a warm page cache."""
     for path in directory.iterdir():
@@ -289,6 +300,7 @@ def measure_point(
     """Link the point's checkpoints, warm the cache if it fits, and run every method."""
     directory = workdir / "runs" / f"{point.fmt}-{point.mb:g}mb-n{point.n}"
     link_newest(ckpts, directory, point.n, point.fmt)
+    evict(ckpts.parent)
     set_bytes = sum(p.stat().st_size for p in directory.iterdir())
     cache = "warm" if set_bytes <= meminfo("MemAvailable") / 2 else "cold/partial cache"
     if cache == "warm":
