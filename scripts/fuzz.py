@@ -83,13 +83,14 @@ def model_tensors(path: Path) -> dict[str, np.ndarray]:
         model = "model_weights" if "model_weights" in f else None
         names: list[str] = []
         f.visit(names.append)  # names only: objects outside the model part stay unopened
-        for name in names:
-            root = name.split("/", 1)[0]
+        for name in names:  # bytes where a damaged name is not UTF-8
+            text = name if isinstance(name, str) else name.decode("utf-8", "replace")
+            root = text.split("/", 1)[0]
             if root in SKIPPED_GROUPS or (model and root != model):
                 continue
             obj = f[name]
             if isinstance(obj, h5py.Dataset):
-                found[name] = np.asarray(obj[()]).view(logical_dtype(obj.dtype))
+                found[text] = np.asarray(obj[()]).view(logical_dtype(obj.dtype))
     return found
 
 
@@ -116,7 +117,7 @@ def check(directory: Path, victim: Path, work: Path) -> str:
     if code != 0:
         assert code == 1, f"exit {code}: {message}"
         assert message.count("\n") == 1 and message.startswith("streamavg: error: "), message
-        assert str(directory) in message, f"names no file: {message}"
+        assert str(victim) in message, f"does not name {victim}: {message}"
         assert not out.exists() and not list(work.iterdir()), "left files behind"
         return "refused"
     paths = sorted(p for p in directory.iterdir() if p.is_file())

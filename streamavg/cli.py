@@ -121,7 +121,10 @@ def _size(text: str) -> int:
     match = re.fullmatch(r"(\d+(?:\.\d*)?)([KMG]?)(?:i?B)?", text.strip(), re.IGNORECASE)
     if match is None:
         raise argparse.ArgumentTypeError(f"not a size such as 256M or 1G: {text!r}")
-    return int(float(match[1]) * UNITS[match[2].upper()])
+    try:
+        return int(float(match[1]) * UNITS[match[2].upper()])
+    except OverflowError:
+        raise argparse.ArgumentTypeError(f"too large: {text!r}") from None
 
 
 def _table(p: Plan) -> str:

@@ -1,12 +1,13 @@
 """Thin adapters over the four Keras checkpoint containers, recognised by content.
 
 A :class:`Checkpoint` lists the tensors of one file (name, shape, dtype, which part
-of the model they belong to) and reads row slices of them into caller buffers.
+of the model they belong to) and reads blocks of them into caller buffers.
 Nothing here builds a model or imports Keras.
 """
 
 from __future__ import annotations
 
+import errno
 import io
 import math
 import os
@@ -41,6 +42,7 @@ OPTIMIZER_GROUP = {
 _MODEL_GROUP = {"legacy-h5": "model_weights"}
 #: What h5py raises on damaged metadata, depending on where the damage is met.
 HDF5_ERRORS = (OSError, RuntimeError, KeyError, ValueError)
+HEAP_WINDOW = 1 << 20  # bytes of metadata searched at a time for global heaps
 MAX_EXPANSION = 1100  # deflate expands at most about 1032:1; more than that is a bomb or a lie
 
 
@@ -97,6 +99,8 @@ class _Window(io.RawIOBase):
 
     def readinto(self, buf) -> int:
         n = max(0, min(len(buf), self._size - self._pos))
+        if not n or self._pos < 0:  # past the member's end (or a nonsense position): nothing
+            return 0
         got = os.preadv(self._raw.fileno(), [memoryview(buf)[:n]], self.start + self._pos)
         self._pos += got
         return got
@@ -180,7 +184,7 @@ def _part(fmt: str, name: str) -> str:
 
 
 class Checkpoint:
-    """An open checkpoint: its format, its tensors, and row reads into caller buffers.
+    """An open checkpoint: its format, its tensors, and block reads into caller buffers.
 
     Only the model's tensors are listed unless `optimizer` is true. Contiguous data in
     native byte order (all that Keras writes) is read with `os.preadv` straight from the
@@ -211,7 +215,7 @@ class Checkpoint:
             self.h5 = h5py.File(self._member or self.path, "r")
         except OSError as e:
             self._close_member()
-            if "unable to lock file" in str(e):
+            if "unable to lock file" in str(e) and system_errno(e) == errno.EWOULDBLOCK:
                 raise StreamavgError(
                     f"{self.path}: open for writing in another process (still being saved?)"
                 ) from None
@@ -285,17 +289,22 @@ class Checkpoint:
 
     def check_heaps(self) -> None:
         """Refuse a global heap that HDF5 would loop on forever when decoding a string
-        attribute: a zero-size free-space object before its end. Call this before reading
-        the attributes of an untrusted file; it reads only the bytes around the tensors.
+        attribute: a zero-size object, or one running past its collection. Call this before
+        reading the attributes of an untrusted file; it reads only the bytes between the
+        tensors' data, a window at a time.
         """
         extents = []
 
         def note(name: bytes, info) -> None:
-            if info.type == h5py.h5o.TYPE_DATASET:
-                dsid = h5py.h5d.open(self.h5.id, name)
-                offset = dsid.get_offset()
-                if offset is not None:
-                    extents.append((offset, offset + dsid.get_storage_size()))
+            if info.type != h5py.h5o.TYPE_DATASET:
+                return
+            dsid = h5py.h5d.open(self.h5.id, name)
+            if dsid.get_create_plist().get_layout() == h5py.h5d.CHUNKED:
+                for k in range(dsid.get_num_chunks()):
+                    chunk = dsid.get_chunk_info(k)
+                    extents.append((chunk.byte_offset, chunk.byte_offset + chunk.size))
+            elif (offset := dsid.get_offset()) is not None:
+                extents.append((offset, offset + dsid.get_storage_size()))
 
         try:
             h5py.h5o.visit(self.h5.id, note, info=True)
@@ -303,9 +312,27 @@ class Checkpoint:
             raise StreamavgError(f"{self.path}: corrupt HDF5 ({reason(e)})") from None
         position = 0
         for start, end in [*sorted(extents), (self.size, self.size)]:
-            if start > position:
-                _check_heaps_in(self.path, self._image(position, start - position))
+            for at in range(position, start, HEAP_WINDOW):  # overlapping by the signature
+                window = self._image(at, min(HEAP_WINDOW + 3, start - at))
+                found = window.find(b"GCOL")
+                while 0 <= found < HEAP_WINDOW:
+                    self._check_heap(at + found, start)
+                    found = window.find(b"GCOL", found + 1)
             position = max(position, end)
+
+    def _check_heap(self, at: int, limit: int) -> None:
+        """Walk the global heap collection at `at` (ending by `limit`) as HDF5 does."""
+        head = self._image(at, 16)
+        if len(head) < 16 or head[4] != 1:  # not a version 1 collection: no heap here
+            return
+        (size,) = struct.unpack_from("<Q", head, 8)
+        p, end = at + 16, min(at + size, limit)
+        while p + 16 <= end:
+            index, _, _, length = struct.unpack("<HHIQ", self._image(p, 16))
+            step = length if index == 0 else 16 + -(-length // 8) * 8
+            if step == 0 or p + step > end:
+                raise StreamavgError(f"{self.path}: corrupt HDF5 (bad object in a global heap)")
+            p += step
 
     def _image(self, offset: int, size: int) -> bytes:
         """`size` bytes of the HDF5 image from `offset`: the file, or the .keras member."""
@@ -367,7 +394,11 @@ class Checkpoint:
 
     def check_unchanged(self, st: os.stat_result | None = None) -> None:
         """Refuse a file that changed since it was opened: it is still being written."""
-        if _identity(st or self.path.stat()) != self._identity:
+        try:
+            st = st or self.path.stat()
+        except OSError:
+            raise StreamavgError(f"{self.path}: removed while being averaged") from None
+        if _identity(st) != self._identity:
             raise StreamavgError(
                 f"{self.path}: changed while being averaged (still being written?)"
             )
@@ -396,10 +427,11 @@ class Checkpoint:
 
 
 def blocks(shape: tuple[int, ...], elements: int) -> Iterator[tuple[slice, ...]]:
-    """Cover a C-ordered tensor with contiguous blocks of at most `elements` elements (or one).
+    """Cover a C-ordered tensor with contiguous blocks of at most `elements` elements.
 
-    A block is a run along the outermost axis whose inner rows fit, with every axis before
-    it fixed, so it is one byte range in the file and one HDF5 hyperslab.
+    A block is a run along the first axis whose sub-arrays fit in `elements`, with every
+    axis before it fixed to one index, so it is one byte range in the file and one HDF5
+    hyperslab.
 
     >>> list(blocks((2, 3), 4))
     [(slice(0, 1, None),), (slice(1, 2, None),)]
@@ -440,23 +472,6 @@ def _supported(stored: np.dtype) -> bool:
 def _identity(st: os.stat_result) -> tuple[int, ...]:
     """What must not change while a file is being read: which file, its size, its mtime."""
     return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
-
-
-def _check_heaps_in(path: Path, metadata: bytes) -> None:
-    """Walk every global heap collection ("GCOL", version 1) found in `metadata` as HDF5
-    does, and refuse one whose walk would never advance."""
-    at = metadata.find(b"GCOL")
-    while at >= 0:
-        if metadata[at + 4 : at + 5] == b"\x01" and len(metadata) >= at + 16:
-            (size,) = struct.unpack_from("<Q", metadata, at + 8)
-            p, end = at + 16, min(at + size, len(metadata))
-            while p + 16 <= end:
-                index, _, _, length = struct.unpack_from("<HHIQ", metadata, p)
-                step = length if index == 0 else 16 + -(-length // 8) * 8
-                if step == 0:
-                    raise StreamavgError(f"{path}: corrupt HDF5 (empty object in a global heap)")
-                p += step
-        at = metadata.find(b"GCOL", at + 4)
 
 
 def system_errno(e: BaseException) -> int | None:

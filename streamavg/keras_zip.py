@@ -22,6 +22,7 @@ HEADER = 512  # the HDF5 user block: the smallest HDF5 allows, room for one zip 
 _ZIP64, _PADDING = 0x0001, 0x5341  # extra-field ids: ZIP64 sizes; padding ("SA", ignored)
 _VERSION = 45  # ZIP64
 _MADE_BY = 3 << 8 | _VERSION  # on Unix: the external attributes are a file mode
+_UTF8 = 0x800  # flag bit 11: the name is UTF-8
 _FULL = 0xFFFFFFFF  # a 32-bit field whose value is in the ZIP64 extra field
 
 
@@ -59,6 +60,10 @@ def _crc(f: BinaryIO, start: int, size: int) -> int:
     return crc
 
 
+def _flags(name: str) -> int:
+    return 0 if name.isascii() else _UTF8
+
+
 def _dos(date_time: tuple[int, ...]) -> tuple[int, int]:
     year, month, day, hour, minute, second = date_time
     return hour << 11 | minute << 5 | second // 2, (year - 1980) << 9 | month << 5 | day
@@ -72,8 +77,8 @@ def _local(name: str, crc: int, size: int, date_time: tuple, pad_to: int = 0) ->
         gap = pad_to - 30 - len(encoded) - len(extra) - 4
         extra += struct.pack("<HH", _PADDING, gap) + bytes(gap)
     head = struct.pack(
-        "<4s5H3I2H", b"PK\x03\x04", _VERSION, 0, 0, *_dos(date_time), crc, _FULL, _FULL,
-        len(encoded), len(extra),
+        "<4s5H3I2H", b"PK\x03\x04", _VERSION, _flags(name), 0, *_dos(date_time), crc,
+        _FULL, _FULL, len(encoded), len(extra),
     )  # fmt: skip
     return head + encoded + extra
 
@@ -86,8 +91,9 @@ def _directory(entries: list[tuple], start: int) -> bytes:
         encoded = name.encode()
         extra = struct.pack("<HH3Q", _ZIP64, 24, size, size, offset)
         records += struct.pack(
-            "<4s6H3I5H2I", b"PK\x01\x02", _MADE_BY, _VERSION, 0, 0, *_dos(date_time), crc,
-            _FULL, _FULL, len(encoded), len(extra), 0, 0, 0, 0o644 << 16, _FULL,
+            "<4s6H3I5H2I", b"PK\x01\x02", _MADE_BY, _VERSION, _flags(name), 0,
+            *_dos(date_time), crc, _FULL, _FULL, len(encoded), len(extra), 0, 0, 0,
+            0o100644 << 16, _FULL,
         ) + encoded + extra  # fmt: skip
     count, end64 = len(entries), start + len(records)
     return (

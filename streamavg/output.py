@@ -91,7 +91,7 @@ def atomic_output(
             os.fsync(dir_fd)
         finally:
             os.close(dir_fd)
-    except OSError as e:
+    except HDF5_ERRORS as e:  # from the writers: reading errors are StreamavgErrors by now
         _discard(tmp, made)
         raise StreamavgError(f"{dest}: cannot write ({_why(e)})") from None
     except BaseException:
@@ -166,7 +166,7 @@ def _publish(tmp: Path, dest: Path, overwrite: bool) -> None:
     tmp.unlink()
 
 
-def _why(e: OSError) -> str:
+def _why(e: BaseException) -> str:
     """The system's reason for a failed write, also when HDF5 reports it inside its message."""
     errno = system_errno(e)
     return os.strerror(errno) if errno else reason(e)
@@ -232,12 +232,13 @@ def h5_like(
             else:
                 src.copy(obj, dst, key)
 
-    with h5py.File(path, "w", userblock_size=userblock) as out:
+    out = h5py.File(path, "w", userblock_size=userblock)
+    try:
         try:
             template.check_heaps()  # before any of its attributes is decoded
             replicate(template.h5, out)
         except HDF5_ERRORS as e:
-            if isinstance(e, OSError) and system_errno(e):
+            if system_errno(e):
                 raise  # the output could not be written
             raise StreamavgError(f"{template.path}: corrupt HDF5 ({reason(e)})") from None
         out.attrs["streamavg"] = json.dumps(provenance)
@@ -272,6 +273,11 @@ def h5_like(
             os.close(fd)
         for f in flushing:
             f.result()
+    except BaseException:
+        with suppress(*HDF5_ERRORS):  # a close that fails too must not hide why we stopped
+            out.close()
+        raise
+    out.close()
 
 
 def _copy_attrs(src: h5py.HLObject, dst: h5py.HLObject) -> None:

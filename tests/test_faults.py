@@ -126,12 +126,17 @@ def test_output_larger_than_the_file_size_limit_is_refused_before_starting(check
     assert list(tmp_path.iterdir()) == []
 
 
-@pytest.mark.parametrize("case", ["k3-weights", "k3-keras", "k3-h5"])
-def test_disk_full_while_writing_gives_one_line_and_no_file(checkpoints, tmp_path, case):
-    """The data fits the limit (the check passes) but the whole file does not: writes fail."""
+@pytest.mark.parametrize(
+    ("case", "extra"),
+    [("k3-weights", []), ("k3-keras", []), ("k3-h5", []), ("k3-keras", ["--optimizer", "newest"])],
+)
+def test_disk_full_while_writing_gives_one_line_and_no_file(checkpoints, tmp_path, case, extra):
+    """The data fits the limit (the check passes) but the whole file does not: writes fail,
+    whether in our writes, in HDF5 copying the template's other tensors, or in closing."""
     src = checkpoints / case
     out = tmp_path / f"avg{''.join(files(src)[-1].suffixes)}"
-    proc = start(src, "-o", out, preexec=limit(resource.RLIMIT_FSIZE, need(files(src)[-1])))
+    fsize = limit(resource.RLIMIT_FSIZE, need(files(src)[-1]))
+    proc = start(src, "-o", out, *extra, preexec=fsize)
     _, err = proc.communicate()
     assert (proc.returncode, err) == (
         1,
@@ -278,7 +283,7 @@ def test_a_global_heap_that_would_hang_hdf5_is_refused(case_copy, tmp_path):
     _, err = proc.communicate(timeout=60)
     assert (proc.returncode, err) == (
         1,
-        f"streamavg: error: {newest}: corrupt HDF5 (empty object in a global heap)\n",
+        f"streamavg: error: {newest}: corrupt HDF5 (bad object in a global heap)\n",
     )
 
 
@@ -339,6 +344,22 @@ def test_input_open_for_writing_is_refused(case_copy, tmp_path, capsys):
         1,
         f"streamavg: error: {victim}: open for writing in another process (still being saved?)\n",
     )
+
+
+def test_input_removed_during_the_run_is_refused(slow, tmp_path):
+    d = tmp_path / "ckpts"
+    shutil.copytree(slow, d, copy_function=os.link)
+    newest = files(d)[-1]
+    out = tmp_path / "out" / "avg.h5"
+    proc = start(d, "-o", out)
+    wait_for_temporary(out.parent, proc)
+    newest.unlink()  # a trainer pruning old checkpoints
+    _, err = proc.communicate()
+    assert (proc.returncode, err) == (
+        1,
+        f"streamavg: error: {newest}: removed while being averaged\n",
+    )
+    assert not out.parent.exists()
 
 
 def test_input_that_changes_during_the_run_is_refused(slow, tmp_path):
