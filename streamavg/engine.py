@@ -21,8 +21,9 @@ from contextlib import ExitStack
 
 import numpy as np
 
+from .blocks import block_shape, blocks
 from .errors import StreamavgError
-from .formats import Checkpoint, Tensor, block_shape, blocks
+from .formats import Checkpoint, Tensor
 
 PIECE_BYTES = 1 << 20  # float64 accumulator per piece: stays in the CPU cache
 BYTES_PER_ELEMENT = 24  # a worker's buffers: float64 sum and term, stored values (<= 8 bytes)

@@ -14,13 +14,13 @@ import os
 import re
 import struct
 import zipfile
-from collections.abc import Iterator
 from pathlib import Path
 from typing import BinaryIO, NamedTuple
 
 import h5py
 import numpy as np
 
+from .blocks import flat_start
 from .errors import StreamavgError
 
 #: The containers, by the name `inspect` prints, with the suffix Keras expects of each.
@@ -343,7 +343,7 @@ class Checkpoint:
 
     def read(self, name: str, index: tuple[slice, ...], out: np.ndarray) -> None:
         """Read block `index` of tensor `name` (`()`: all of it) into `out`, in the stored
-        dtype; failures name the file and the tensor. Blocks come from :func:`blocks`."""
+        dtype; failures name the file and the tensor. Blocks come from `blocks.blocks`."""
         offset = self._offsets.get(name)
         if not out.nbytes:
             return
@@ -424,40 +424,6 @@ class Checkpoint:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-def blocks(shape: tuple[int, ...], elements: int) -> Iterator[tuple[slice, ...]]:
-    """Cover a C-ordered tensor with contiguous blocks of at most `elements` elements.
-
-    A block is a run along the first axis whose sub-arrays fit in `elements`, with every
-    axis before it fixed to one index, so it is one byte range in the file and one HDF5
-    hyperslab.
-
-    >>> list(blocks((2, 3), 4))
-    [(slice(0, 1, None),), (slice(1, 2, None),)]
-    """
-    if not shape:
-        yield ()
-        return
-    axis = next(k for k in range(len(shape)) if math.prod(shape[k + 1 :]) <= elements)
-    step = max(1, elements // max(1, math.prod(shape[axis + 1 :])))
-    for lead in np.ndindex(*shape[:axis]):
-        fixed = tuple(slice(i, i + 1) for i in lead)
-        for start in range(0, shape[axis], step):
-            yield (*fixed, slice(start, min(start + step, shape[axis])))
-
-
-def block_shape(shape: tuple[int, ...], index: tuple[slice, ...]) -> tuple[int, ...]:
-    """The shape of block `index` of a tensor of `shape`."""
-    return (*(s.stop - s.start for s in index), *shape[len(index) :])
-
-
-def flat_start(shape: tuple[int, ...], index: tuple[slice, ...]) -> int:
-    """Where block `index` starts in a C-ordered tensor of `shape`, in elements."""
-    start = 0
-    for k, n in enumerate(shape):
-        start = start * n + (index[k].start if k < len(index) else 0)
-    return start
 
 
 def _supported(stored: np.dtype) -> bool:

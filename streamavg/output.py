@@ -18,13 +18,13 @@ from pathlib import Path
 import h5py
 import numpy as np
 
+from .blocks import flat_start
 from .errors import StreamavgError, UsageError
 from .formats import (
     HDF5_ERRORS,
     OPTIMIZER_GROUP,
     SUFFIXES,
     Checkpoint,
-    flat_start,
     reason,
     system_errno,
 )
@@ -194,7 +194,7 @@ def h5_like(
     userblock: int = 0,
 ) -> Iterator[Callable[[str, np.ndarray, tuple[slice, ...]], None]]:
     """Write an HDF5 file shaped like `template`; yield `write(name, values, index=())`
-    that fills the `fresh` tensors, whole or a block (from `formats.blocks`) at a time.
+    that fills the `fresh` tensors, whole or a block (from `blocks.blocks`) at a time.
 
     Groups, attributes, dtypes and storage layout are copied, and so are the other tensors
     with their data; the optimizer group is left out unless `optimizer` is true. Contiguous

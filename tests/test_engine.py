@@ -17,8 +17,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import streamavg
+from streamavg.blocks import block_shape, blocks, flat_start
 from streamavg.engine import BYTES_PER_ELEMENT, MIN_MEMORY, piece_layout
-from streamavg.formats import block_shape, blocks, flat_start
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
