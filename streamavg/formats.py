@@ -198,7 +198,8 @@ class Checkpoint:
     def __init__(self, path: str | os.PathLike, *, optimizer: bool = False) -> None:
         self.path = Path(path)
         magic = _sniff(self.path)
-        self._identity = _identity(self.path.stat())
+        st = self.path.stat()
+        self._identity = _identity(st)
         zipped = magic.startswith(_ZIP_MAGIC)
         if not zipped and magic != _HDF5_MAGIC:
             raise StreamavgError(f"{self.path}: not a Keras checkpoint (neither HDF5 nor .keras)")
@@ -210,7 +211,7 @@ class Checkpoint:
             if isinstance(self._member, _Window):
                 self._fd, self._base = self._member.fileno(), self._member.start
         else:
-            self.size = self.path.stat().st_size
+            self.size = st.st_size
         try:
             self.h5 = h5py.File(self._member or self.path, "r")
         except OSError as e:

@@ -132,7 +132,7 @@ def _alive(pid: int) -> bool:
     except ProcessLookupError:
         return False
     except PermissionError:  # someone else's live process
-        return True
+        pass
     return True
 
 
@@ -242,42 +242,59 @@ def h5_like(
                 raise  # the output could not be written
             raise StreamavgError(f"{template.path}: corrupt HDF5 ({reason(e)})") from None
         out.attrs["streamavg"] = json.dumps(provenance)
-        fd = os.open(path, os.O_WRONLY)
-        flusher = ThreadPoolExecutor(1)  # sends written data to disk while the fold goes on
-        flushing: list[Future] = []
-        written, lock = 0, threading.Lock()
+        writer = _FileWriter(path)
         try:
 
             def write(name: str, values: np.ndarray, index: tuple[slice, ...] = ()) -> None:
-                nonlocal written
                 ds = created[name]
                 data = np.ascontiguousarray(values).view(ds.dtype)
                 offset = offsets.get(name)
                 if offset is None:
                     ds.write_direct(data, dest_sel=index or None)
-                    return
-                offset += flat_start(ds.shape, index) * data.itemsize
-                view = memoryview(data.reshape(-1).view(np.uint8))
-                while view:
-                    done = os.pwritev(fd, [view], offset)
-                    view, offset = view[done:], offset + done
-                with lock:
-                    written += data.nbytes
-                    if written >= FLUSH_BYTES and not (flushing and flushing[-1].running()):
-                        written = 0
-                        flushing.append(flusher.submit(os.fdatasync, fd))
+                else:
+                    writer.write(offset + flat_start(ds.shape, index) * data.itemsize, data)
 
             yield write
         finally:
-            flusher.shutdown()
-            os.close(fd)
-        for f in flushing:
-            f.result()
+            writer.close()
     except BaseException:
         with suppress(*HDF5_ERRORS):  # a close that fails too must not hide why we stopped
             out.close()
         raise
     out.close()
+
+
+class _FileWriter:
+    """Writes at file offsets from any thread, outside the GIL, and sends the data to disk
+    in the background every FLUSH_BYTES, so little is left for the final fsync."""
+
+    def __init__(self, path: Path) -> None:
+        self._fd = os.open(path, os.O_WRONLY)
+        self._flusher = ThreadPoolExecutor(1)
+        self._lock = threading.Lock()
+        self._unflushed = 0
+        self._flushing: Future | None = None
+
+    def write(self, offset: int, data: np.ndarray) -> None:
+        view = memoryview(data.reshape(-1).view(np.uint8))
+        while view:
+            done = os.pwritev(self._fd, [view], offset)
+            view, offset = view[done:], offset + done
+        with self._lock:
+            self._unflushed += data.nbytes
+            if self._unflushed >= FLUSH_BYTES and not (self._flushing and self._flushing.running()):
+                if self._flushing is not None:
+                    self._flushing.result()  # finished: raises its error, if it had one
+                self._unflushed = 0
+                self._flushing = self._flusher.submit(os.fdatasync, self._fd)
+
+    def close(self) -> None:
+        try:
+            self._flusher.shutdown()
+            if self._flushing is not None:
+                self._flushing.result()
+        finally:
+            os.close(self._fd)
 
 
 def _copy_attrs(src: h5py.HLObject, dst: h5py.HLObject) -> None:
