@@ -134,7 +134,8 @@ for path in sorted(Path(sys.argv[1]).iterdir()):
 """
 
 
-# The durable write of an output as large as the newest checkpoint, in 1 MiB writes.
+# The durable write of an output as large as the newest checkpoint, in 1 MiB writes, then
+# dropped from the page cache (as streamavg drops its output) so the inputs stay cached.
 WRITE_FLOOR = """
 import os, sys
 size, block = int(sys.argv[2]), bytes(1 << 20)
@@ -142,6 +143,7 @@ fd = os.open(sys.argv[1], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
 for start in range(0, size, len(block)):
     os.write(fd, block[: size - start])
 os.fsync(fd)
+os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
 os.close(fd)
 """
 
@@ -302,7 +304,7 @@ def measure_point(
     link_newest(ckpts, directory, point.n, point.fmt)
     evict(ckpts.parent)
     set_bytes = sum(p.stat().st_size for p in directory.iterdir())
-    cache = "warm" if set_bytes <= meminfo("MemAvailable") / 2 else "cold/partial cache"
+    cache = "warm" if set_bytes + GIB <= meminfo("MemAvailable") else "cold/partial cache"
     if cache == "warm":
         warm_cache(directory)
     print(f"{point}: {set_bytes / 1e6:.0f} MB on disk, {cache}", file=sys.stderr, flush=True)
@@ -320,6 +322,7 @@ def measure_point(
                 continue  # already failed at this point; do not retry
             shutil.rmtree(out_dir, ignore_errors=True)
             out_dir.mkdir()
+            os.sync()  # no write-back left over from the previous run competes with this one
             run = measure(cmds[method])
             method_runs.append(run)
             if run["rc"] != 0:

@@ -103,6 +103,7 @@ def run(
         need = sum(t.nbytes for t in averaged)
         tmp = stack.enter_context(atomic_output(dest, overwrite, need=need))
         zipped = newest.format == "keras"
+        checksums: dict[int, tuple[int, int]] = {}
         with h5_like(
             newest,
             tmp,
@@ -110,6 +111,7 @@ def run(
             optimizer=optimizer == "newest",
             provenance=provenance,
             userblock=keras_zip.HEADER if zipped else 0,
+            checksums=checksums if zipped else None,
         ) as write:
             fold(
                 checkpoints,
@@ -121,7 +123,7 @@ def run(
                 progress=progress,
             )
         if zipped:
-            keras_zip.finish(newest.path, tmp)
+            keras_zip.finish(newest.path, tmp, checksums)
     return Result(dest, p.files, p.weights)
 
 

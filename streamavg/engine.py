@@ -14,9 +14,7 @@ import os
 import resource
 import sys
 import threading
-from collections import deque
 from collections.abc import Callable, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import ExitStack
 
 import numpy as np
@@ -108,22 +106,23 @@ def fold(
     """Average `tensors` across `checkpoints` (oldest first) and hand each piece to `write`,
     which must copy it before returning: the buffer is reused for the next piece.
 
-    Pieces are independent, so they run on a few threads: reads and numpy release the GIL.
-    Only a few pieces are in flight at once, so memory depends on neither the model's size
-    nor the number of checkpoints.
+    Pieces are independent, so a few threads take them in turn (reads and numpy release the
+    GIL), each with its own buffers: memory depends on neither the model's size nor the
+    number of checkpoints. The first failing piece, in order, is the error raised.
     """
     scale = weights.sum()
     workers, elements = piece_layout(max_memory)
-    scratch = threading.local()  # per-thread buffers, reused: no page faults per piece
+    jobs = enumerate((t, index) for t in tensors for index in blocks(t.shape, elements))
+    lock = threading.Lock()  # guards `jobs` and the progress bar
+    errors: dict[int, BaseException] = {}  # by piece number
+    bar = _progress_bar(sum(t.nbytes for t in tensors) * len(checkpoints)) if progress else None
 
-    def piece(t: Tensor, index: tuple[slice, ...]) -> int:
-        if not hasattr(scratch, "acc"):
-            scratch.acc, scratch.tmp = np.empty(elements), np.empty(elements)
-            scratch.raw = np.empty(elements * 8, np.uint8)
+    def piece(t: Tensor, index: tuple[slice, ...], buffers: tuple[np.ndarray, ...]) -> int:
         shape = block_shape(t.shape, index)
         size = math.prod(shape)
-        buf = scratch.raw[: size * t.stored.itemsize].view(t.stored).reshape(shape)
-        acc, tmp = scratch.acc[:size].reshape(shape), scratch.tmp[:size].reshape(shape)
+        sums, terms, raw = buffers
+        buf = raw[: size * t.stored.itemsize].view(t.stored).reshape(shape)
+        acc, tmp = sums[:size].reshape(shape), terms[:size].reshape(shape)
         for i, ck in enumerate(checkpoints):
             ck.read(t.name, index, buf)
             term = acc if i == 0 else tmp
@@ -139,31 +138,41 @@ def fold(
         write(t, index, out)
         return buf.nbytes * len(checkpoints)
 
-    bar = _progress_bar(sum(t.nbytes for t in tensors) * len(checkpoints)) if progress else None
-    with ThreadPoolExecutor(workers) as pool:
-        in_flight: deque[Future[int]] = deque()
+    def worker() -> None:
+        buffers = np.empty(elements), np.empty(elements), np.empty(elements * 8, np.uint8)
+        done = 0
+        while not errors:
+            with lock:
+                if bar is not None:
+                    bar.update(done)
+                job = next(jobs, None)
+            if job is None:
+                return
+            number, (t, index) = job
+            try:
+                done = piece(t, index, buffers)
+            except BaseException as e:
+                errors[number] = e
 
-        def finish_one() -> None:
-            done = in_flight.popleft().result()
-            if bar is not None:
-                bar.update(done)
-
-        try:
-            for t in tensors:
-                for index in blocks(t.shape, elements):
-                    in_flight.append(pool.submit(piece, t, index))
-                    if len(in_flight) > 2 * workers:
-                        finish_one()
-            while in_flight:
-                finish_one()
-            for ck in checkpoints:
-                ck.check_unchanged()
-        except BaseException:
-            pool.shutdown(cancel_futures=True)
-            raise
-        finally:
-            if bar is not None:
-                bar.close()
+    threads = [threading.Thread(target=worker, name=f"streamavg-{i}") for i in range(workers)]
+    try:
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    except BaseException as e:  # a signal (SIGINT, SIGTERM) in this thread: stop them first
+        errors[-1] = e
+        for thread in threads:
+            if thread.is_alive():
+                thread.join()
+        raise
+    finally:
+        if bar is not None:
+            bar.close()
+    if errors:
+        raise errors[min(errors)]
+    for ck in checkpoints:
+        ck.check_unchanged()
 
 
 def _progress_bar(total: int):

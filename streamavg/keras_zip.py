@@ -5,13 +5,17 @@ weights member's zip header fills that block, so the HDF5 image itself is the me
 data; the template's other members and the central directory follow it. zipfile cannot
 adopt bytes already in place, hence these few records by hand. Every record carries ZIP64
 sizes, so one layout serves small and multi-gigabyte archives, and every test reads it.
+The member's CRC-32 is put together from the CRCs of the pieces as they were written
+(`crc32_combine`), so a multi-gigabyte image is not read back for it.
 """
 
 from __future__ import annotations
 
+import functools
 import struct
 import zipfile
 import zlib
+from collections.abc import Mapping
 from pathlib import Path
 from typing import BinaryIO
 
@@ -24,11 +28,13 @@ _VERSION = 45  # ZIP64
 _MADE_BY = 3 << 8 | _VERSION  # on Unix: the external attributes are a file mode
 _UTF8 = 0x800  # flag bit 11: the name is UTF-8
 _FULL = 0xFFFFFFFF  # a 32-bit field whose value is in the ZIP64 extra field
+_POLY = 0xEDB88320  # CRC-32's polynomial, bit-reversed as zlib computes it
 
 
-def finish(template: Path, path: Path) -> None:
+def finish(template: Path, path: Path, written: Mapping[int, tuple[int, int]]) -> None:
     """Make `path`, an HDF5 file written after a HEADER-byte user block, a `.keras` archive
-    holding it as the weights member, then `template`'s other members."""
+    holding it as the weights member, then `template`'s other members. `written` maps the
+    offset of byte ranges already checksummed to their (size, CRC-32); they are not read."""
     try:
         with zipfile.ZipFile(template) as src:
             stamp = src.getinfo(WEIGHTS_MEMBER).date_time
@@ -41,7 +47,7 @@ def finish(template: Path, path: Path) -> None:
         raise StreamavgError(f"{template}: corrupt .keras archive ({e})") from None
     with open(path, "r+b") as f:
         size = f.seek(0, 2) - HEADER
-        crc = _crc(f, HEADER, size)
+        crc = _crc(f, HEADER, HEADER + size, written)
         f.seek(0)
         f.write(_local(WEIGHTS_MEMBER, crc, size, stamp, pad_to=HEADER))
         entries = [(WEIGHTS_MEMBER, stamp, crc, size, 0)]
@@ -52,12 +58,51 @@ def finish(template: Path, path: Path) -> None:
         f.write(_directory(entries, f.tell()))
 
 
-def _crc(f: BinaryIO, start: int, size: int) -> int:
+def _crc(f: BinaryIO, start: int, end: int, written: Mapping[int, tuple[int, int]]) -> int:
+    """The CRC-32 of bytes [start, end) of `f`, reading only the gaps between `written`."""
     crc = 0
+    for offset, (size, part) in sorted(written.items()):
+        crc = crc32_combine(_crc_read(f, start, offset, crc), part, size)
+        start = offset + size
+    return _crc_read(f, start, end, crc)
+
+
+def _crc_read(f: BinaryIO, start: int, end: int, crc: int) -> int:
     f.seek(start)
-    while chunk := f.read(min(1 << 20, size)):
-        crc, size = zlib.crc32(chunk, crc), size - len(chunk)
+    while start < end and (chunk := f.read(min(1 << 20, end - start))):
+        crc, start = zlib.crc32(chunk, crc), start + len(chunk)
     return crc
+
+
+def crc32_combine(crc1: int, crc2: int, size2: int) -> int:
+    """The CRC-32 of A + B from crc32(A), crc32(B) and len(B), as zlib's crc32_combine.
+
+    >>> crc32_combine(zlib.crc32(b"average"), zlib.crc32(b"d"), 1) == zlib.crc32(b"averaged")
+    True
+    """
+    return _multiply(_shift(size2), crc1) ^ crc2
+
+
+@functools.lru_cache(maxsize=64)  # pieces come in a few sizes
+def _shift(size: int) -> int:
+    """x ** (8 * size) modulo the CRC polynomial: appending `size` bytes to a message."""
+    power, square = 1 << 31, 1 << 30  # x ** 0, x ** 1 (bit-reversed)
+    bits = 8 * size
+    while bits:
+        if bits & 1:
+            power = _multiply(square, power)
+        square, bits = _multiply(square, square), bits >> 1
+    return power
+
+
+def _multiply(a: int, b: int) -> int:
+    """a * b modulo the CRC polynomial, both bit-reversed (zlib's multmodp)."""
+    product = 0
+    for bit in range(31, -1, -1):
+        if a >> bit & 1:
+            product ^= b
+        b = b >> 1 ^ _POLY if b & 1 else b >> 1
+    return product
 
 
 def _flags(name: str) -> int:

@@ -10,6 +10,7 @@ import shutil
 import socket
 import tempfile
 import threading
+import zlib
 from collections.abc import Callable, Collection, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager, suppress
@@ -192,6 +193,7 @@ def h5_like(
     optimizer: bool,
     provenance: dict,
     userblock: int = 0,
+    checksums: dict[int, tuple[int, int]] | None = None,
 ) -> Iterator[Callable[[str, np.ndarray, tuple[slice, ...]], None]]:
     """Write an HDF5 file shaped like `template`; yield `write(name, values, index=())`
     that fills the `fresh` tensors, whole or a block (from `blocks.blocks`) at a time.
@@ -200,7 +202,9 @@ def h5_like(
     with their data; the optimizer group is left out unless `optimizer` is true. Contiguous
     fresh tensors get their file space up front and are written with `os.pwritev`, which
     runs on any thread without the GIL; others go through h5py. The first `userblock`
-    bytes are left for the caller (a `.keras` archive's zip header).
+    bytes are left for the caller (a `.keras` archive's zip header). If `checksums` is
+    given, it receives the CRC-32 of every range written with `os.pwritev`, by offset:
+    (size, crc), so a `.keras` archive need not read them back.
     """
     fresh = set(fresh)
     created: dict[str, h5py.Dataset] = {}
@@ -217,6 +221,7 @@ def h5_like(
                 replicate(obj, dst.create_group(key))
             elif name in fresh:
                 dcpl = obj.id.get_create_plist()
+                dcpl.set_obj_track_times(False)  # no timestamps: the same inputs, the same bytes
                 direct = dcpl.get_layout() == h5py.h5d.CONTIGUOUS and obj.dtype.isnative
                 if direct:  # allocate now, and never let HDF5 write fill values over our data
                     dcpl.set_alloc_time(h5py.h5d.ALLOC_TIME_EARLY)
@@ -242,7 +247,7 @@ def h5_like(
                 raise  # the output could not be written
             raise StreamavgError(f"{template.path}: corrupt HDF5 ({reason(e)})") from None
         out.attrs["streamavg"] = json.dumps(provenance)
-        writer = _FileWriter(path)
+        writer = _FileWriter(path, checksums)
         try:
 
             def write(name: str, values: np.ndarray, index: tuple[slice, ...] = ()) -> None:
@@ -266,10 +271,12 @@ def h5_like(
 
 class _FileWriter:
     """Writes at file offsets from any thread, outside the GIL, and sends the data to disk
-    in the background every FLUSH_BYTES, so little is left for the final fsync."""
+    in the background every FLUSH_BYTES, so little is left for the final fsync. With
+    `checksums`, it records each write's (size, CRC-32) there by offset."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, checksums: dict[int, tuple[int, int]] | None) -> None:
         self._fd = os.open(path, os.O_WRONLY)
+        self._checksums = checksums
         self._flusher = ThreadPoolExecutor(1)
         self._lock = threading.Lock()
         self._unflushed = 0
@@ -277,6 +284,8 @@ class _FileWriter:
 
     def write(self, offset: int, data: np.ndarray) -> None:
         view = memoryview(data.reshape(-1).view(np.uint8))
+        if self._checksums is not None:
+            self._checksums[offset] = len(view), zlib.crc32(view)  # while it is in the cache
         while view:
             done = os.pwritev(self._fd, [view], offset)
             view, offset = view[done:], offset + done
@@ -286,7 +295,11 @@ class _FileWriter:
                 if self._flushing is not None:
                     self._flushing.result()  # finished: raises its error, if it had one
                 self._unflushed = 0
-                self._flushing = self._flusher.submit(os.fdatasync, self._fd)
+                self._flushing = self._flusher.submit(self._flush)
+
+    def _flush(self) -> None:
+        os.fdatasync(self._fd)
+        os.posix_fadvise(self._fd, 0, 0, os.POSIX_FADV_DONTNEED)
 
     def close(self) -> None:
         try:

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import zipfile
+import zlib
 
 from conftest import files
+from hypothesis import given
+from hypothesis import strategies as st
 
 import streamavg
 from streamavg import keras_zip
@@ -27,3 +30,8 @@ def test_keras_output_is_a_valid_zip_with_the_weights_in_place(checkpoints, tmp_
         image = z.read(WEIGHTS_MEMBER)
     assert image.startswith(b"\x89HDF\r\n\x1a\n")
     assert out.read_bytes()[keras_zip.HEADER :].startswith(image)
+
+
+@given(st.binary(), st.binary())
+def test_crc32_combine_is_the_crc_of_the_concatenation(a, b):
+    assert keras_zip.crc32_combine(zlib.crc32(a), zlib.crc32(b), len(b)) == zlib.crc32(a + b)
