@@ -509,6 +509,11 @@ def main() -> None:
     print(f"command: {command}", file=sys.stderr, flush=True)
 
     os.environ["TF_CPP_MIN_LOG_LEVEL"] = "3"  # inherited by every subprocess
+    # Byte-compile streamavg as a regular install does (an editable one, or a shell with
+    # PYTHONDONTWRITEBYTECODE set, would otherwise compile it again in every run).
+    subprocess.run(
+        [sys.executable, "-m", "compileall", "-q", str(SCRIPTS.parent / "streamavg")], check=True
+    )
     points = grid_points(args)
     counts: dict[tuple[float, str], int] = {}
     for p in points:

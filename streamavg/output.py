@@ -7,7 +7,6 @@ import os
 import re
 import resource
 import shutil
-import socket
 import tempfile
 import threading
 import zlib
@@ -107,7 +106,7 @@ _OWNER = re.compile(re.escape(TEMP_MARK) + r"(\d+)@([\w-]*)\.")
 
 
 def _host() -> str:
-    return re.sub(r"[^\w-]", "-", socket.gethostname())
+    return re.sub(r"[^\w-]", "-", os.uname().nodename)
 
 
 def _temp(dest: Path, suffix: str) -> tuple[int, Path]:
