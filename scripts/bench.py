@@ -10,15 +10,19 @@ process:
                      into reused buffers: the reading any averaging has to do
   write-floor        writing and fsyncing as many bytes as the newest checkpoint holds: what
                      any tool pays to put its output safely on disk, however it computes it
+                     (then dropped from the page cache, as streamavg drops its output)
   streamavg          python -m streamavg DIR --scheme S -o OUT --overwrite --quiet
   streamavg-bounded  the same with --max-memory 256M
 
 The checkpoints are Keras 3 MLPs of the requested size, compiled with plain SGD and fitted
 on one batch, each the previous one plus small Gaussian noise. A spawned process writes
 them (Keras is never imported here: a child's peak RSS would include this process's), and
-they are kept under WORKDIR/ckpts for later runs. Two grids: N in --n at --mb MB, and MB in
---sizes at N = --size-n; --compare-h5 adds N = 20 at --mb MB in both formats. Results go to
-WORKDIR/results.json and WORKDIR/report.md (also printed), with four PNG plots.
+they are kept under WORKDIR/ckpts for later runs. Before each point, every set is evicted
+from the page cache and the point's own files are read once, when they fit in memory; before
+each run, os.sync() finishes any write-back left by the run before. Two grids: N in --n at
+--mb MB, and MB in --sizes at N = --size-n; --compare-h5 adds N = 20 at --mb MB in both
+formats. Results go to WORKDIR/results.json and WORKDIR/report.md (also printed), with four
+PNG plots.
 
 Full grid (many minutes, about 30 GB of disk):
     .venv/bin/python scripts/bench.py --compare-h5 --docs docs

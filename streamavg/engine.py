@@ -114,6 +114,7 @@ def fold(
     workers, elements = piece_layout(max_memory)
     jobs = enumerate((t, index) for t in tensors for index in blocks(t.shape, elements))
     lock = threading.Lock()  # guards `jobs` and the progress bar
+    stop = threading.Event()  # set on the first error or signal: no new pieces start
     errors: dict[int, BaseException] = {}  # by piece number
     bar = _progress_bar(sum(t.nbytes for t in tensors) * len(checkpoints)) if progress else None
 
@@ -139,36 +140,42 @@ def fold(
         return buf.nbytes * len(checkpoints)
 
     def worker() -> None:
-        buffers = np.empty(elements), np.empty(elements), np.empty(elements * 8, np.uint8)
-        done = 0
-        while not errors:
-            with lock:
-                if bar is not None:
-                    bar.update(done)
-                job = next(jobs, None)
-            if job is None:
-                return
-            number, (t, index) = job
-            try:
+        number = -1
+        try:
+            buffers = np.empty(elements), np.empty(elements), np.empty(elements * 8, np.uint8)
+            done = 0
+            while True:
+                with lock:
+                    if bar is not None:
+                        bar.update(done)
+                    job = None if stop.is_set() else next(jobs, None)
+                if job is None:
+                    return
+                number, (t, index) = job
                 done = piece(t, index, buffers)
-            except BaseException as e:
-                errors[number] = e
+        except BaseException as e:
+            errors[number] = e
+            stop.set()
 
     threads = [threading.Thread(target=worker, name=f"streamavg-{i}") for i in range(workers)]
+    signalled = None  # SIGINT or SIGTERM raised in this thread: stop, wait, then re-raise
     try:
         for thread in threads:
             thread.start()
-        for thread in threads:
-            thread.join()
-    except BaseException as e:  # a signal (SIGINT, SIGTERM) in this thread: stop them first
-        errors[-1] = e
-        for thread in threads:
-            if thread.is_alive():
+    except BaseException as e:
+        signalled = e
+        stop.set()
+    for thread in threads:  # a thread not yet marked started has not taken a piece either
+        while thread.is_alive():
+            try:
                 thread.join()
-        raise
-    finally:
-        if bar is not None:
-            bar.close()
+            except BaseException as e:
+                signalled = signalled or e
+                stop.set()
+    if bar is not None:
+        bar.close()
+    if signalled is not None:
+        raise signalled
     if errors:
         raise errors[min(errors)]
     for ck in checkpoints:

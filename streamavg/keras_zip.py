@@ -83,16 +83,21 @@ def crc32_combine(crc1: int, crc2: int, size2: int) -> int:
     return _multiply(_shift(size2), crc1) ^ crc2
 
 
-@functools.lru_cache(maxsize=64)  # pieces come in a few sizes
+@functools.lru_cache(maxsize=16)  # most pieces share a size
 def _shift(size: int) -> int:
     """x ** (8 * size) modulo the CRC polynomial: appending `size` bytes to a message."""
-    power, square = 1 << 31, 1 << 30  # x ** 0, x ** 1 (bit-reversed)
-    bits = 8 * size
-    while bits:
-        if bits & 1:
-            power = _multiply(square, power)
-        square, bits = _multiply(square, square), bits >> 1
+    power, k = 1 << 31, 3  # x ** 0 (bit-reversed); 8 * size is size * 2 ** 3
+    while size:
+        if size & 1:
+            power = _multiply(_square_power(k), power)
+        size, k = size >> 1, k + 1
     return power
+
+
+@functools.cache
+def _square_power(k: int) -> int:
+    """x ** (2 ** k) modulo the CRC polynomial (bit-reversed): squarings, computed once."""
+    return 1 << 30 if k == 0 else _multiply(_square_power(k - 1), _square_power(k - 1))
 
 
 def _multiply(a: int, b: int) -> int:

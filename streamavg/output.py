@@ -270,8 +270,9 @@ def h5_like(
 
 class _FileWriter:
     """Writes at file offsets from any thread, outside the GIL, and sends the data to disk
-    in the background every FLUSH_BYTES, so little is left for the final fsync. With
-    `checksums`, it records each write's (size, CRC-32) there by offset."""
+    in the background every FLUSH_BYTES, so little is left for the final fsync; what is on
+    disk leaves the page cache, where it would crowd out the inputs. With `checksums`, it
+    records each write's (size, CRC-32) there by offset."""
 
     def __init__(self, path: Path, checksums: dict[int, tuple[int, int]] | None) -> None:
         self._fd = os.open(path, os.O_WRONLY)
