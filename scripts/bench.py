@@ -504,7 +504,7 @@ def main() -> None:
         action="store_true",
         help=f"also measure N={COMPARE_N} at --mb MB as .keras and as .h5",
     )
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--scheme", default="linear", choices=["equal", "linear", "exp"])
     parser.add_argument("--workdir", type=Path, default=Path("bench-out"))
     parser.add_argument("--docs", type=Path, help="also copy the PNG plots to this directory")
