@@ -20,7 +20,7 @@ import numpy as np
 from . import keras_zip
 from ._version import __version__
 from .engine import MIN_MEMORY, fold, model_tensors, open_all
-from .errors import UsageError
+from .errors import UsageError, option
 from .formats import SUFFIXES, Checkpoint
 from .output import atomic_output, check_output, default_output, h5_like
 from .schemes import scheme_weights
@@ -81,9 +81,9 @@ def run(
     is fastest); memory never grows with the model's size or the number of checkpoints.
     """
     if optimizer not in OPTIMIZER_POLICIES:
-        raise UsageError(f"--optimizer must be one of {', '.join(OPTIMIZER_POLICIES)}")
+        raise UsageError(f"{option('optimizer')} must be one of {', '.join(OPTIMIZER_POLICIES)}")
     if max_memory is not None and max_memory < MIN_MEMORY:
-        raise UsageError(f"--max-memory must be at least {MIN_MEMORY >> 20}M")
+        raise UsageError(f"{option('max_memory')} must be at least {MIN_MEMORY >> 20}M")
     with ExitStack() as stack:
         checkpoints = open_all(p.files, stack)
         newest = checkpoints[-1]

@@ -16,8 +16,8 @@ from pathlib import Path
 
 from ._version import __version__
 from .api import OPTIMIZER_POLICIES, Plan, plan, run
-from .errors import StreamavgError, UsageError
-from .formats import Checkpoint
+from .errors import StreamavgError, UsageError, command_line
+from .formats import PROVENANCE_ATTR, Checkpoint
 from .output import check_output
 from .schemes import SCHEMES
 
@@ -188,8 +188,8 @@ def inspect(path: str) -> str:
         lines = [f"{ck.path}: {ck.format}, {ck.size:,} bytes of weights"]
         if "keras_version" in attrs:
             lines[0] += f", written by Keras {_text(attrs['keras_version'])}"
-        if "streamavg" in attrs:
-            lines.append(f"averaged by streamavg: {json.loads(_text(attrs['streamavg']))}")
+        if PROVENANCE_ATTR in attrs:
+            lines.append(f"averaged by streamavg: {json.loads(_text(attrs[PROVENANCE_ATTR]))}")
         width = max([len(n) for n in ck.tensors] + [6])
         lines.append(
             f"{'part':<9}  {'tensor':<{width}}  {'shape':<16}  {'dtype':<8}  {'bytes':>12}"
@@ -278,9 +278,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     previous = signal.signal(signal.SIGTERM, _stop) if in_main else None
     try:
         commands = {"inspect": _inspect, "sweep": _sweep}
-        if argv[:1] and argv[0] in commands:
-            return commands[argv[0]](argv[1:])
-        return _average(argv)
+        with command_line():
+            if argv[:1] and argv[0] in commands:
+                return commands[argv[0]](argv[1:])
+            return _average(argv)
     except StreamavgError as e:
         print(f"streamavg: error: {e}", file=sys.stderr)
         return e.exit_code

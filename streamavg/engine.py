@@ -9,6 +9,7 @@ number of checkpoints while the result matches the in-memory reference.
 
 from __future__ import annotations
 
+import contextvars
 import math
 import os
 import resource
@@ -20,7 +21,7 @@ from contextlib import ExitStack
 import numpy as np
 
 from .blocks import block_shape, blocks
-from .errors import StreamavgError
+from .errors import StreamavgError, option
 from .formats import Checkpoint, Tensor
 
 PIECE_BYTES = 1 << 20  # float64 accumulator per piece: stays in the CPU cache
@@ -157,7 +158,11 @@ def fold(
             errors[number] = e
             stop.set()
 
-    threads = [threading.Thread(target=worker, name=f"streamavg-{i}") for i in range(workers)]
+    context = contextvars.copy_context()  # how errors name options, in every worker
+    threads = [
+        threading.Thread(target=context.copy().run, args=(worker,), name=f"streamavg-{i}")
+        for i in range(workers)
+    ]
     signalled = None  # SIGINT or SIGTERM raised in this thread: stop, wait, then re-raise
     try:
         for thread in threads:
@@ -199,6 +204,6 @@ def _blame_nonfinite(
         if not np.isfinite(buf.view(t.dtype)).all():
             raise StreamavgError(
                 f"{ck.path}: {t.name}: contains NaN or Inf "
-                "(pass --allow-nonfinite to average anyway)"
+                f"(pass {option('allow_nonfinite', True)} to average anyway)"
             )
     raise StreamavgError(f"{checkpoints[-1].path}: {t.name}: weighted sum overflowed")

@@ -1,4 +1,16 @@
-"""The two ways streamavg refuses work; the CLI turns each into one line on stderr."""
+"""The two ways streamavg refuses work; the CLI turns each into one line on stderr.
+
+Messages name options as the caller wrote them: `--max-memory` on the command line,
+`max_memory` in Python, through :func:`option`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
+
+_COMMAND_LINE: ContextVar[bool] = ContextVar("streamavg_command_line", default=False)
 
 
 class StreamavgError(Exception):
@@ -11,3 +23,27 @@ class UsageError(StreamavgError):
     """Bad arguments: an option out of range or an output that may not be written (exit 2)."""
 
     exit_code = 2
+
+
+def option(name: str, value: object = None) -> str:
+    """Option `name` (a keyword argument) as the caller spells it, with `value` if given.
+
+    >>> option("max_memory"), option("overwrite", True)
+    ('max_memory', 'overwrite=True')
+    >>> with command_line():
+    ...     option("max_memory"), option("overwrite", True)
+    ('--max-memory', '--overwrite')
+    """
+    if _COMMAND_LINE.get():
+        return "--" + name.replace("_", "-") + ("" if value in (None, True) else f" {value}")
+    return name if value is None else f"{name}={value!r}"
+
+
+@contextmanager
+def command_line() -> Iterator[None]:
+    """Within the block (and threads started with its context), options are named as flags."""
+    token = _COMMAND_LINE.set(True)
+    try:
+        yield
+    finally:
+        _COMMAND_LINE.reset(token)

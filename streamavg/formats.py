@@ -154,6 +154,31 @@ def check_members(path: Path, members: list[zipfile.ZipInfo]) -> None:
             )
 
 
+PROVENANCE_ATTR = "streamavg"  # the root attribute of the weights file of every output
+
+
+def averaged_by_streamavg(path: str | os.PathLike) -> bool:
+    """Whether `path` is an earlier streamavg output (its weights carry our provenance).
+
+    Only the attribute's presence is checked, nothing is decoded; a file that cannot be
+    read as a checkpoint says no here and is refused with its reason when opened.
+    """
+    path = Path(path)
+    try:
+        magic = _sniff(path)
+        member = _open_member(path)[0] if magic.startswith(_ZIP_MAGIC) else None
+    except StreamavgError:
+        return False
+    try:
+        with h5py.File(member or path, "r") as h5:
+            return PROVENANCE_ATTR in h5.attrs
+    except HDF5_ERRORS:
+        return False
+    finally:
+        if member is not None:
+            member.close()
+
+
 def _sniff(path: Path) -> bytes:
     try:
         with open(path, "rb") as f:

@@ -19,10 +19,11 @@ import h5py
 import numpy as np
 
 from .blocks import flat_start
-from .errors import StreamavgError, UsageError
+from .errors import StreamavgError, UsageError, option
 from .formats import (
     HDF5_ERRORS,
     OPTIMIZER_GROUP,
+    PROVENANCE_ATTR,
     SUFFIXES,
     Checkpoint,
     reason,
@@ -49,7 +50,7 @@ def check_output(dest: Path, inputs: Collection[Path], overwrite: bool) -> None:
     if dest.is_symlink():
         raise UsageError(f"{dest}: is a symbolic link (name its target, or remove the link)")
     if dest.exists() and not overwrite:
-        raise UsageError(f"{dest}: already exists (pass --overwrite to replace it)")
+        raise UsageError(f"{dest}: already exists (pass {option('overwrite', True)} to replace it)")
     if dest.is_dir():
         raise UsageError(f"{dest}: is a directory")
 
@@ -158,7 +159,9 @@ def _publish(tmp: Path, dest: Path, overwrite: bool) -> None:
     try:
         os.link(tmp, dest)  # fails if dest exists, even if it appeared a moment ago
     except FileExistsError:
-        raise UsageError(f"{dest}: already exists (pass --overwrite to replace it)") from None
+        raise UsageError(
+            f"{dest}: already exists (pass {option('overwrite', True)} to replace it)"
+        ) from None
     except OSError:  # no hard links on this file system: check, then rename
         check_output(dest, (), overwrite)
         os.replace(tmp, dest)
@@ -245,7 +248,7 @@ def h5_like(
             if system_errno(e):
                 raise  # the output could not be written
             raise StreamavgError(f"{template.path}: corrupt HDF5 ({reason(e)})") from None
-        out.attrs["streamavg"] = json.dumps(provenance)
+        out.attrs[PROVENANCE_ATTR] = json.dumps(provenance)
         writer = _FileWriter(path, checksums)
         try:
 

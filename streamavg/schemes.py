@@ -13,7 +13,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from .errors import UsageError
+from .errors import UsageError, option
 
 SCHEMES = ("equal", "linear", "exp")
 
@@ -32,18 +32,18 @@ def scheme_weights(
     if weights is not None:
         w = np.asarray(weights, dtype=np.float64)
         if w.shape != (n,):
-            raise UsageError(f"--weights gives {w.size} weights for {n} checkpoints")
+            raise UsageError(f"{option('weights')} gives {w.size} weights for {n} checkpoints")
         if not np.isfinite(w).all() or (w < 0).any():
-            raise UsageError("--weights must be finite and non-negative")
+            raise UsageError(f"{option('weights')} must be finite and non-negative")
         if not 0 < w.sum() < np.inf:
-            raise UsageError("--weights must have a positive, finite sum")
+            raise UsageError(f"{option('weights')} must have a positive, finite sum")
     elif scheme == "equal":
         w = np.ones(n)
     elif scheme == "linear":
         w = (n + 1 - i) / n
     elif scheme == "exp":
         if not (np.isfinite(alpha) and alpha > 0):
-            raise UsageError(f"--alpha must be a positive number, got {alpha}")
+            raise UsageError(f"{option('alpha')} must be a positive number, got {alpha}")
         w = np.exp(-(i - 1) / alpha)  # exp(-i/alpha) scaled so the newest is 1: no underflow to 0/0
     else:
         raise UsageError(f"unknown scheme {scheme!r}; choose from {', '.join(SCHEMES)}")

@@ -11,7 +11,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import NamedTuple
 
-from .errors import StreamavgError, UsageError
+from .errors import StreamavgError, UsageError, option
 
 CHECKPOINT_SUFFIXES = (".keras", ".h5", ".hdf5")
 _NUMBER = re.compile(r"(\d+)")
@@ -57,7 +57,7 @@ def parse_epochs(spec: str) -> tuple[int | None, int | None]:
     except ValueError:
         bounds = None
     if not sep or bounds is None or (None not in bounds and bounds[0] > bounds[1]):
-        raise UsageError(f"--epochs wants FIRST:LAST, such as 490:499; got {spec!r}")
+        raise UsageError(f"{option('epochs')} wants FIRST:LAST, such as 490:499; got {spec!r}")
     return bounds
 
 
@@ -80,7 +80,7 @@ def select_checkpoints(
 ) -> Selection:
     """Directories (scanned with `pattern`) and files, ordered oldest first, then filtered."""
     if last is not None and last < 1:
-        raise UsageError(f"--last must be at least 1, got {last}")
+        raise UsageError(f"{option('last')} must be at least 1, got {last}")
     bounds = parse_epochs(epochs) if epochs is not None else None
     paths: dict[Path, Path] = {}
     for item in map(Path, inputs):
@@ -106,7 +106,7 @@ def select_checkpoints(
 
 def _in_epochs(chosen: list[Path], bounds: tuple[int | None, int | None], spec: str) -> list[Path]:
     if not all(_NUMBER.search(stem(p.name)) for p in chosen):
-        raise UsageError("--epochs needs an epoch number in every file name")
+        raise UsageError(f"{option('epochs')} needs an epoch number in every file name")
     lo, hi = bounds
     numbers = epoch_numbers([p.name for p in chosen])
     kept = [

@@ -118,7 +118,7 @@ def test_larger_alpha_is_flatter(n, alpha, factor):
 def test_explicit_weights_normalise_exactly(w):
     raw = np.array(w, dtype=np.float64)
     if raw.sum() <= 0:
-        usage_error("--weights must have a positive, finite sum", "equal", len(w), weights=w)
+        usage_error("weights must have a positive, finite sum", "equal", len(w), weights=w)
         return
     got = scheme_weights("equal", len(w), weights=w)
     assert got.dtype == np.float64
@@ -141,7 +141,7 @@ def test_no_checkpoints(scheme):
     ("alpha", "shown"), [(0, "0"), (0.0, "0.0"), (-1, "-1"), (math.nan, "nan"), (math.inf, "inf")]
 )
 def test_bad_alpha(alpha, shown):
-    usage_error(f"--alpha must be a positive number, got {shown}", "exp", 3, alpha=alpha)
+    usage_error(f"alpha must be a positive number, got {shown}", "exp", 3, alpha=alpha)
 
 
 def test_alpha_is_ignored_by_other_schemes():
@@ -149,16 +149,16 @@ def test_alpha_is_ignored_by_other_schemes():
 
 
 def test_wrong_number_of_weights():
-    usage_error("--weights gives 2 weights for 3 checkpoints", "equal", 3, weights=[1, 2])
+    usage_error("weights gives 2 weights for 3 checkpoints", "equal", 3, weights=[1, 2])
 
 
 @pytest.mark.parametrize("bad", [-1.0, math.nan, math.inf, -math.inf])
 def test_weights_must_be_finite_and_non_negative(bad):
-    usage_error("--weights must be finite and non-negative", "equal", 3, weights=[1.0, bad, 1.0])
+    usage_error("weights must be finite and non-negative", "equal", 3, weights=[1.0, bad, 1.0])
 
 
 def test_weights_must_have_positive_sum():
-    usage_error("--weights must have a positive, finite sum", "equal", 3, weights=[0, 0, 0])
+    usage_error("weights must have a positive, finite sum", "equal", 3, weights=[0, 0, 0])
 
 
 def test_unknown_scheme():

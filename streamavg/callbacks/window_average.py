@@ -48,7 +48,7 @@ class WindowAverage(Averager):
         try:
             scheme_weights(scheme, 1, alpha=alpha)
         except UsageError as e:
-            raise ValueError(str(e).replace("--alpha", "alpha")) from None
+            raise ValueError(str(e)) from None
         self.scheme = scheme
         self.alpha = alpha
         self.start_epoch = count_arg("start_epoch", start_epoch, 0)
