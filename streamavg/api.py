@@ -22,7 +22,7 @@ from ._version import __version__
 from .engine import MIN_MEMORY, fold, model_tensors, open_all
 from .errors import UsageError, option
 from .formats import SUFFIXES, Checkpoint
-from .output import atomic_output, check_output, default_output, h5_like
+from .output import atomic_output, check_output, destination, h5_like
 from .schemes import scheme_weights
 from .select import select_checkpoints
 
@@ -87,9 +87,7 @@ def run(
     with ExitStack() as stack:
         checkpoints = open_all(p.files, stack)
         newest = checkpoints[-1]
-        dest = (
-            Path(output) if output is not None else default_output(newest, p.scheme, len(p.files))
-        )
+        dest = destination(output, newest, p.scheme, len(p.files))
         check_output(dest, p.files, overwrite)
         averaged = [t for t in model_tensors(newest).values() if t.averaged]
         provenance = {

@@ -12,14 +12,19 @@ import sys
 import threading
 import time
 from collections.abc import Sequence
-from pathlib import Path
 
 from ._version import __version__
 from .api import OPTIMIZER_POLICIES, Plan, plan, run
 from .errors import StreamavgError, UsageError, command_line
 from .formats import PROVENANCE_ATTR, Checkpoint
-from .output import check_output
+from .output import check_output, destination
 from .schemes import SCHEMES
+
+USAGE = """\
+streamavg [options] PATH...              average checkpoints into one
+       streamavg inspect FILE                   list a checkpoint's tensors
+       streamavg sweep PATH... --data NPZ       score the average of the last n, or a soup
+       streamavg -h | -V                        help, version"""
 
 DESCRIPTION = """\
 Average Keras checkpoints (.keras, .weights.h5, legacy .h5) with constant memory.
@@ -36,6 +41,7 @@ class _Parser(argparse.ArgumentParser):
 def _parser() -> argparse.ArgumentParser:
     p = _Parser(
         prog="streamavg",
+        usage=USAGE,
         description=DESCRIPTION,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -75,7 +81,7 @@ def _parser() -> argparse.ArgumentParser:
         "memory never grows with the model's size or the number of checkpoints",
     )
     out.add_argument("-q", "--quiet", action="store_true", help="no progress bar or weight table")
-    p.add_argument("--version", action="version", version=f"streamavg {__version__}")
+    p.add_argument("-V", "--version", action="version", version=f"streamavg {__version__}")
     return p
 
 
@@ -165,10 +171,15 @@ def _average(argv: Sequence[str]) -> int:
     )
     peak_mb = _peak_rss_kib() / 1024
     print(
-        f"averaged {len(p.files)} files ({p.scheme}) into {result.output} "
+        f"averaged {_count(len(p.files), 'file')} ({p.scheme}) into {result.output} "
         f"in {time.perf_counter() - started:.2f} s, peak memory {peak_mb:.0f} MB"
     )
     return 0
+
+
+def _count(n: int, noun: str) -> str:
+    """`1 file`, `2 files`."""
+    return f"{n} {noun}{'' if n == 1 else 's'}"
 
 
 def _peak_rss_kib() -> int:
@@ -185,7 +196,11 @@ def inspect(path: str) -> str:
     with Checkpoint(path, optimizer=True) as ck:
         ck.check_heaps()
         attrs = ck.h5.attrs
-        lines = [f"{ck.path}: {ck.format}, {ck.size:,} bytes of weights"]
+        total = sum(t.nbytes for t in ck.tensors.values())
+        lines = [
+            f"{ck.path}: {ck.format}, {_count(len(ck.tensors), 'tensor')}, {total:,} bytes "
+            f"(a {ck.size:,}-byte HDF5 file)"
+        ]
         if "keras_version" in attrs:
             lines[0] += f", written by Keras {_text(attrs['keras_version'])}"
         if PROVENANCE_ATTR in attrs:
@@ -202,7 +217,9 @@ def inspect(path: str) -> str:
         for part in ("model", "optimizer", "other"):
             ts = [t for t in ck.tensors.values() if t.part == part]
             if ts:
-                lines.append(f"{part}: {len(ts)} tensors, {sum(t.nbytes for t in ts):,} bytes")
+                lines.append(
+                    f"{part}: {_count(len(ts), 'tensor')}, {sum(t.nbytes for t in ts):,} bytes"
+                )
     return "\n".join(lines)
 
 
@@ -237,8 +254,9 @@ def _sweep(argv: Sequence[str]) -> int:
         raise UsageError("--greedy averages its soup equally; it takes no --scheme")
     select = {"pattern": args.pattern, "last": args.last, "epochs": args.epochs}
     files = plan(args.inputs, scheme=args.scheme, alpha=args.alpha, **select).files
-    if args.output:
-        check_output(Path(args.output), files, args.overwrite)
+    if args.output:  # refuse a bad output now, not after scoring every average
+        with Checkpoint(files[-1]) as newest:
+            check_output(destination(args.output, newest, "sweep", 1), files, args.overwrite)
 
     from .evaluate import keras_scorer
     from .sweeps import greedy_soup, sweep
@@ -278,6 +296,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     previous = signal.signal(signal.SIGTERM, _stop) if in_main else None
     try:
         commands = {"inspect": _inspect, "sweep": _sweep}
+        if not argv:  # bare `streamavg`: what it does and how to ask for more
+            print(f"usage: {USAGE}\nRun 'streamavg -h' for help.", file=sys.stderr)
+            return UsageError.exit_code
         with command_line():
             if argv[:1] and argv[0] in commands:
                 return commands[argv[0]](argv[1:])

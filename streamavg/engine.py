@@ -13,7 +13,6 @@ import contextvars
 import math
 import os
 import resource
-import sys
 import threading
 from collections.abc import Callable, Sequence
 from contextlib import ExitStack
@@ -23,6 +22,7 @@ import numpy as np
 from .blocks import block_shape, blocks
 from .errors import StreamavgError, option
 from .formats import Checkpoint, Tensor
+from .progress import bytes_bar
 
 PIECE_BYTES = 1 << 20  # float64 accumulator per piece: stays in the CPU cache
 BYTES_PER_ELEMENT = 24  # a worker's buffers: float64 sum and term, stored values (<= 8 bytes)
@@ -117,7 +117,8 @@ def fold(
     lock = threading.Lock()  # guards `jobs` and the progress bar
     stop = threading.Event()  # set on the first error or signal: no new pieces start
     errors: dict[int, BaseException] = {}  # by piece number
-    bar = _progress_bar(sum(t.nbytes for t in tensors) * len(checkpoints)) if progress else None
+    total = sum(t.nbytes for t in tensors) * len(checkpoints)
+    bar = bytes_bar(total, "averaging") if progress else None
 
     def piece(t: Tensor, index: tuple[slice, ...], buffers: tuple[np.ndarray, ...]) -> int:
         shape = block_shape(t.shape, index)
@@ -185,15 +186,6 @@ def fold(
         raise errors[min(errors)]
     for ck in checkpoints:
         ck.check_unchanged()
-
-
-def _progress_bar(total: int):
-    """A tqdm bar over bytes read, on a terminal only (tqdm is imported only then)."""
-    if not sys.stderr.isatty():
-        return None
-    from tqdm import tqdm
-
-    return tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="averaging")
 
 
 def _blame_nonfinite(

@@ -2,7 +2,8 @@
 
 The data file is an `.npz` holding two arrays of equal length: `x`, the inputs, and `y`,
 the targets in the form the checkpoint's compiled loss expects. The score is one of the
-metrics the checkpoint was compiled with, as `model.evaluate` reports it.
+metrics the checkpoint was compiled with, as `model.evaluate` reports it, and whether
+higher is better comes from Keras too (or from `mode`).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import StreamavgError, UsageError
+from .errors import StreamavgError, UsageError, option
 from .formats import Checkpoint
 from .output import h5_like
 
@@ -37,18 +38,24 @@ def load_data(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
     return x, y
 
 
+MODES = ("auto", "min", "max")
+
+
 def keras_scorer(
-    newest: str | os.PathLike, data: str | os.PathLike, metric: str | None = None
+    newest: str | os.PathLike,
+    data: str | os.PathLike,
+    metric: str | None = None,
+    mode: str = "auto",
 ) -> tuple[Callable[[dict[str, np.ndarray]], float], str, bool]:
     """An `evaluate` for `sweep` and `greedy_soup`, built once from the newest checkpoint.
 
     Returns the function, the metric's name and whether higher is better. The default
-    metric is accuracy if compiled in, else the loss; metrics named like a loss or an error
-    are minimised.
+    metric is accuracy if compiled in, else the loss. `mode="auto"` takes the direction
+    from Keras, as its monitor callbacks do; "min" and "max" set it.
     """
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-    import keras
-
+    if mode not in MODES:
+        raise UsageError(f"{option('mode')} must be one of {', '.join(MODES)}; got {mode!r}")
+    keras = import_keras("streamavg sweep")
     with Checkpoint(newest) as ck:
         ck.check_heaps()  # Keras is about to decode its attributes
         if ck.format not in ARCHITECTURES:
@@ -65,11 +72,23 @@ def keras_scorer(
         raise StreamavgError(f"{newest}: cannot load the model in safe mode ({reason})") from None
     if not getattr(model, "compiled", False):
         raise UsageError(f"{newest}: the model was saved without compile(); no loss to evaluate")
-    names = list(model.evaluate(x[:1], y[:1], return_dict=True, verbose=0))
+
+    def score(x, y) -> dict[str, float]:
+        try:
+            return model.evaluate(x, y, return_dict=True, verbose=0)
+        except Exception as e:  # any failure of Keras on the user's data: say which, in a line
+            raise StreamavgError(
+                f"{data}: Keras cannot evaluate {Path(newest).name} on x and y "
+                f"({type(e).__name__}: {_first_line(e)})"
+            ) from None
+
+    names = list(score(x[:1], y[:1]))
     metric = metric or ("accuracy" if "accuracy" in names else "loss")
     if metric not in names:
-        raise UsageError(f"--metric {metric}: not among the model's metrics ({', '.join(names)})")
-    maximize = not any(word in metric for word in ("loss", "error"))
+        raise UsageError(
+            f"{option('metric')} {metric}: not among the model's metrics ({', '.join(names)})"
+        )
+    maximize = mode == "max" if mode != "auto" else higher_is_better(model, metric)
     suffix = ".weights.h5" if fmt == "keras" else ".h5"
 
     def evaluate(tensors: dict[str, np.ndarray]) -> float:
@@ -80,6 +99,39 @@ def keras_scorer(
                 for name, values in tensors.items():
                     write(name, values)
             model.load_weights(path)
-        return float(model.evaluate(x, y, return_dict=True, verbose=0)[metric])
+        return float(score(x, y)[metric])
 
     return evaluate, metric, maximize
+
+
+def higher_is_better(model, metric: str) -> bool:
+    """The direction Keras's monitor callbacks take for `metric`: losses go down, and a
+    compiled metric says which way it goes; anything else is refused, asking for a mode."""
+    name = metric.removeprefix("val_")
+    if name == "loss" or name.endswith("_loss"):
+        return False
+    for tracker in model.metrics:
+        for m in getattr(tracker, "metrics", [tracker]):  # compiled metrics sit in containers
+            if m.name == name and getattr(m, "_direction", None) in ("up", "down"):
+                return m._direction == "up"
+    raise UsageError(
+        f"cannot tell whether {metric} should be maximized or minimized; "
+        f"pass {option('mode', 'max')} or {option('mode', 'min')}"
+    )
+
+
+def import_keras(feature: str):
+    """Keras, or one line saying which extra `feature` needs."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    try:
+        import keras
+    except ImportError:
+        raise StreamavgError(
+            f"{feature} needs Keras: pip install 'streamavg[tensorflow]'"
+        ) from None
+    return keras
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else "no message"

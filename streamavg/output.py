@@ -34,25 +34,76 @@ FLUSH_BYTES = 64 << 20  # start writing to disk after this much new data, not al
 OUTPUT_DIR = "averaged"  # default outputs go here, out of reach of a later scan of the inputs
 
 
+#: The names Keras reads each container under (`load_weights` takes `.weights.h5` for Keras 3
+#: weights, so a legacy file must not be named so).
+KERAS_SUFFIXES = {
+    "keras": (".keras",),
+    "keras-weights": (".weights.h5",),
+    "legacy-h5": (".h5", ".hdf5"),
+    "legacy-weights": (".h5", ".hdf5"),
+}
+_METRIC = re.compile(r"[-_.]?[-+]?(?:\d+\.\d+(?:e[-+]?\d+)?|\d+e[-+]\d+)", re.IGNORECASE)
+_URL = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")
+
+
+def refuse_url(path: str | os.PathLike) -> None:
+    """Remote storage is not supported yet: a URL is refused rather than taken for a local path."""
+    if _URL.match(os.fspath(path)):
+        raise UsageError(
+            f"{os.fspath(path)}: URLs (remote storage) are not supported yet; use a local path"
+        )
+
+
 def default_output(newest: Checkpoint, scheme: str, n: int) -> Path:
-    """`<dir>/averaged/<newest>.avg-<scheme>-n<n><suffix>`, keeping the suffix Keras expects."""
+    """`<dir>/averaged/<newest>.avg-<scheme>-n<n><suffix>`, keeping the suffix Keras expects.
+
+    A metric value in the newest's name (`model-0.53-05.keras`) is left out: it describes
+    the newest checkpoint, not the average.
+    """
     name = newest.path.name
     stem = name.removesuffix(SUFFIXES[newest.format]).removesuffix(newest.path.suffix)
+    stem = _METRIC.sub("", stem) or stem
     suffix = SUFFIXES[newest.format] if newest.format != "legacy-h5" else newest.path.suffix
     return newest.path.parent / OUTPUT_DIR / f"{stem}.avg-{scheme}-n{n}{suffix}"
 
 
+def destination(output: str | os.PathLike | None, newest: Checkpoint, scheme: str, n: int) -> Path:
+    """Where an average of `n` checkpoints like `newest` goes: `output`, the default name
+    inside `output` if that is a directory (or ends in "/"), or the default output.
+
+    Refuses a URL, and a name Keras would not read as the inputs' format.
+    """
+    if output is None:
+        return default_output(newest, scheme, n)
+    refuse_url(output)
+    dest = Path(output)
+    if os.fspath(output).endswith(os.sep) or (dest.is_dir() and not dest.is_symlink()):
+        return dest / default_output(newest, scheme, n).name
+    suffixes = KERAS_SUFFIXES[newest.format]
+    legacy_as_weights = newest.format.startswith("legacy") and dest.name.endswith(".weights.h5")
+    if not dest.name.endswith(suffixes) or legacy_as_weights:
+        raise UsageError(
+            f"{dest}: the inputs are {newest.format} files, so Keras reads the output only "
+            f"under a name ending in {' or '.join(suffixes)}"
+            + (" (not .weights.h5)" if newest.format.startswith("legacy") else "")
+        )
+    return dest
+
+
 def check_output(dest: Path, inputs: Collection[Path], overwrite: bool) -> None:
-    """Refuse an output that is one of the inputs, or that exists without `overwrite`."""
+    """Refuse an output that is one of the inputs, that exists without `overwrite`, or that
+    is not a regular file (a device, FIFO or socket is never replaced)."""
     for p in inputs:
         if dest.resolve() == p.resolve() or (dest.exists() and os.path.samefile(dest, p)):
             raise UsageError(f"{dest}: output is one of the inputs")
     if dest.is_symlink():
         raise UsageError(f"{dest}: is a symbolic link (name its target, or remove the link)")
-    if dest.exists() and not overwrite:
-        raise UsageError(f"{dest}: already exists (pass {option('overwrite', True)} to replace it)")
     if dest.is_dir():
         raise UsageError(f"{dest}: is a directory")
+    if dest.exists() and not dest.is_file():
+        raise UsageError(f"{dest}: is not a regular file (a device, FIFO or socket)")
+    if dest.exists() and not overwrite:
+        raise UsageError(f"{dest}: already exists (pass {option('overwrite', True)} to replace it)")
 
 
 @contextmanager

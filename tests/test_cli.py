@@ -227,6 +227,38 @@ BAD = {
         2,
     ),
     "unknown option": ("k3-weights", None, ["--bogus"], "unrecognized arguments: --bogus", 2),
+    ".h5 output of .keras inputs": (
+        "k3-keras",
+        None,
+        ["-o", "{d}/avg.h5"],
+        "{d}/avg.h5: the inputs are keras files, so Keras reads the output only under a name "
+        "ending in .keras",
+        2,
+    ),
+    ".keras output of legacy .h5 inputs": (
+        "k3-h5",
+        None,
+        ["-o", "{d}/avg.keras"],
+        "{d}/avg.keras: the inputs are legacy-h5 files, so Keras reads the output only under "
+        "a name ending in .h5 or .hdf5 (not .weights.h5)",
+        2,
+    ),
+    "Keras 2 weights named like Keras 3 weights": (
+        "k2-weights",
+        None,
+        ["-o", "{d}/avg.weights.h5"],
+        "{d}/avg.weights.h5: the inputs are legacy-weights files, so Keras reads the output "
+        "only under a name ending in .h5 or .hdf5 (not .weights.h5)",
+        2,
+    ),
+    "Keras 3 weights named like a legacy file": (
+        "k3-weights",
+        None,
+        ["-o", "{d}/avg.h5"],
+        "{d}/avg.h5: the inputs are keras-weights files, so Keras reads the output only under "
+        "a name ending in .weights.h5",
+        2,
+    ),
 }
 
 
@@ -370,7 +402,15 @@ def test_inspect_recognises_content_not_extension(checkpoints, tmp_path, capsys)
     code, stdout, _ = run(capsys, "inspect", disguised)
     lines = stdout.splitlines()
     assert code == 0
-    assert re.fullmatch(rf"{re.escape(str(disguised))}: keras, [\d,]+ bytes of weights", lines[0])
+    head = re.fullmatch(
+        rf"{re.escape(str(disguised))}: keras, (\d+) tensors, ([\d,]+) bytes "
+        r"\(a [\d,]+-byte HDF5 file\)",
+        lines[0],
+    )
+    parts = [re.fullmatch(r"\w+: (\d+) tensors?, ([\d,]+) bytes", line) for line in lines[-2:]]
+    assert head and all(parts)  # the headline is the sum of its parts
+    assert int(head[1]) == sum(int(m[1]) for m in parts)
+    assert int(head[2].replace(",", "")) == sum(int(m[2].replace(",", "")) for m in parts)
     assert lines[1].split() == ["part", "tensor", "shape", "dtype", "bytes"]
     assert "model      layers/dense/vars/0" in stdout and "(6, 16)" in stdout
     assert "optimizer  optimizer/vars/0" in stdout
@@ -395,11 +435,94 @@ def test_entry_points():
     ):
         out = subprocess.run([*command, "--version"], capture_output=True, text=True)
         assert (out.returncode, out.stdout) == (0, f"streamavg {__version__}\n")
-        out = subprocess.run(command, capture_output=True, text=True)
-        assert (out.returncode, out.stderr) == (
+        out = subprocess.run([*command, "-V"], capture_output=True, text=True)
+        assert (out.returncode, out.stdout) == (0, f"streamavg {__version__}\n")
+        out = subprocess.run(command, capture_output=True, text=True)  # bare: usage, exit 2
+        assert (out.returncode, out.stdout) == (2, "")
+        assert out.stderr.startswith("usage: streamavg [options] PATH...")
+        assert out.stderr.endswith("\nRun 'streamavg -h' for help.\n")
+        help_text = subprocess.run([*command, "-h"], capture_output=True, text=True, check=True)
+        assert help_text.stdout.startswith(out.stderr.splitlines()[0] + "\n")
+        usage = help_text.stdout.split("\n\n")[0]
+        assert "streamavg inspect FILE" in usage and "streamavg sweep PATH... --data NPZ" in usage
+
+
+def test_usage_errors_are_one_line_without_arguments_required_noise(capsys):
+    assert run(capsys, "-o", "x.keras") == (
+        2,
+        "",
+        "streamavg: error: the following arguments are required: PATH\n",
+    )
+
+
+def test_url_outputs_are_refused_and_nothing_is_created(checkpoints, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    for url in ("gs://bucket/avg.keras", "s3://bucket/run/", "https://example.com/a.keras"):
+        code, _, err = run(capsys, checkpoints / "k3-keras", "-o", url)
+        assert (code, err) == (
             2,
-            "streamavg: error: the following arguments are required: PATH\n",
+            f"streamavg: error: {url}: URLs (remote storage) are not supported yet; "
+            "use a local path\n",
         )
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("kind", ["fifo", "device"])
+def test_an_output_that_is_not_a_regular_file_is_never_replaced(
+    checkpoints, tmp_path, capsys, kind
+):
+    import os
+    import stat
+
+    dest = tmp_path / "avg.keras"
+    if kind == "fifo":
+        os.mkfifo(dest)
+    else:  # a character device like /dev/null; making one needs root
+        try:
+            os.mknod(dest, 0o666 | stat.S_IFCHR, os.stat("/dev/null").st_rdev)
+        except PermissionError:
+            pytest.skip("making a device node needs root")
+    before = os.stat(dest)
+    got = run(capsys, checkpoints / "k3-keras", "-o", dest, "--overwrite")
+    assert got == (
+        2,
+        got[1],
+        f"streamavg: error: {dest}: is not a regular file (a device, FIFO or socket)\n",
+    )
+    after = os.stat(dest)
+    assert (after.st_ino, after.st_mode, after.st_rdev) == (
+        before.st_ino,
+        before.st_mode,
+        before.st_rdev,
+    )
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["avg.keras"]
+
+
+def test_an_existing_directory_as_output_gets_the_default_name(case_copy, tmp_path, capsys):
+    d = case_copy("k3-keras")
+    into = tmp_path / "into"
+    into.mkdir()
+    code, _, _ = run(capsys, d, "--scheme", "linear", "-q", "-o", into)
+    assert code == 0
+    assert sorted(p.name for p in into.iterdir()) == ["model_5.avg-linear-n5.keras"]
+    code, _, _ = run(capsys, d, "-q", "-o", f"{tmp_path}/fresh/")
+    assert code == 0
+    assert [p.name for p in (tmp_path / "fresh").iterdir()] == ["model_5.avg-equal-n5.keras"]
+
+
+def test_one_file_is_one_file(checkpoints, tmp_path, capsys):
+    newest = files(checkpoints / "k3-keras")[-1]
+    code, stdout, _ = run(capsys, newest, "-q", "-o", tmp_path / "one.keras")
+    assert code == 0 and stdout.startswith("averaged 1 file (equal) into ")
+
+
+def test_default_output_leaves_out_the_newest_metric_value(checkpoints, tmp_path, capsys):
+    """ModelCheckpoint("model-{val_loss:.2f}-{epoch:02d}.keras"): the metric describes the
+    newest checkpoint, not the average, so the default name keeps only the epoch."""
+    for i, path in enumerate(files(checkpoints / "k3-keras"), 1):
+        shutil.copy(path, tmp_path / f"model-0.{60 - i}-{i:02d}.keras")
+    assert run(capsys, tmp_path, "-q")[0] == 0
+    assert [p.name for p in (tmp_path / "averaged").iterdir()] == ["model-05.avg-equal-n5.keras"]
 
 
 def test_truncated_hdf5_is_rejected_before_any_output(case_copy, capsys):
@@ -473,5 +596,8 @@ def test_progress_bar_on_a_terminal_only(checkpoints, tmp_path):
         return text.decode()
 
     shown = stderr_on_a_terminal()
-    assert "averaging: 100%" in shown and "B/s" in shown
+    assert "averaging: 100%" in shown
+    # Binary units, said so: the count, the total and the rate.
+    assert re.search(r"\| \d+\.\d KiB/\d+\.\d KiB \[.*, \d+\.\d [KMGT]iB/s\]", shown), shown
+    assert "kB" not in shown and "MB" not in shown
     assert stderr_on_a_terminal("-q") == ""

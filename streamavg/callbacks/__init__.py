@@ -4,6 +4,13 @@
 >>> model.fit(x, y, validation_data=val, callbacks=[EMA(decay=0.999)])  # doctest: +SKIP
 """
 
+try:
+    import keras  # noqa: F401
+except ImportError:
+    raise ImportError(
+        "streamavg.callbacks needs Keras 3: pip install 'streamavg[tensorflow]'"
+    ) from None
+
 from .batchnorm import recalibrate_batchnorm
 from .ema import EMA
 from .window_average import WindowAverage
