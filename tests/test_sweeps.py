@@ -185,3 +185,114 @@ def test_sweep_needs_a_model_file(checkpoints, tmp_path, capsys):
         f"streamavg: error: {newest}: a keras-weights file holds no model to evaluate; "
         "sweep needs .keras or full-model .h5 checkpoints\n"
     )
+
+
+# -- which way is better: Keras says, as its own monitor callbacks do -----------------------
+
+
+@pytest.fixture(scope="module")
+def compiled_run(tmp_path_factory) -> Path:
+    """Four epochs of a model compiled with metrics that go up and down, and held-out data."""
+    import keras
+
+    root = tmp_path_factory.mktemp("compiled")
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(96, 5)).astype("float32")
+    y = np.eye(3, dtype="float32")[rng.integers(0, 3, 96)]
+    np.savez(root / "data.npz", x=x, y=y)
+    np.savez(root / "bad_labels.npz", x=x, y=y[:, :2])
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential(
+        [keras.Input((5,)), keras.layers.Dense(8), keras.layers.Dense(3, activation="softmax")]
+    )
+    metrics = ["mse", "mae", "categorical_crossentropy", "accuracy", "auc"]
+    model.compile(keras.optimizers.SGD(0.3), "categorical_crossentropy", metrics=metrics)
+    save = keras.callbacks.ModelCheckpoint(str(root / "ckpt" / "model_{epoch}.keras"))
+    model.fit(x, y, epochs=4, batch_size=16, verbose=0, callbacks=[save])
+    return root
+
+
+def Directionless():
+    """A custom metric that does not say which way is better (it has no `_direction`)."""
+    import keras
+
+    class Spread(keras.metrics.Mean):
+        def update_state(self, y_true, y_pred, sample_weight=None):
+            return super().update_state(keras.ops.std(y_pred), sample_weight)
+
+    return Spread(name="spread")
+
+
+def test_directions_are_the_ones_keras_callbacks_take(compiled_run):
+    import keras
+
+    from streamavg.errors import UsageError
+    from streamavg.evaluate import higher_is_better
+
+    data = np.load(compiled_run / "data.npz")
+    model = keras.Sequential([keras.Input((5,)), keras.layers.Dense(3, activation="softmax")])
+    metrics = ["mse", "mae", "categorical_crossentropy", "accuracy", "auc", Directionless()]
+    model.compile("sgd", "categorical_crossentropy", metrics=metrics)
+    model.evaluate(data["x"], data["y"], verbose=0)
+    for name in ("loss", "val_loss", "mse", "val_mae", "categorical_crossentropy", "accuracy",
+                 "val_auc"):  # fmt: skip
+        keras_says = keras.callbacks.EarlyStopping(monitor=name, mode="auto")
+        keras_says.set_model(model)
+        keras_says._set_monitor_op()
+        assert higher_is_better(model, name) is (keras_says.monitor_op is keras.ops.greater), name
+    with pytest.raises(UsageError) as e:
+        higher_is_better(model, "val_spread")
+    assert str(e.value) == (
+        "cannot tell whether val_spread should be maximized or minimized; "
+        "pass mode='max' or mode='min'"
+    )
+
+
+@pytest.mark.parametrize("metric", ["mse", "mae", "categorical_crossentropy", "auc"])
+def test_sweep_minimises_errors_and_maximises_scores(compiled_run, capsys, metric):
+    code = main(["sweep", str(compiled_run / "ckpt"), "--data", str(compiled_run / "data.npz"),
+                 "--metric", metric])  # fmt: skip
+    printed = capsys.readouterr().out.splitlines()
+    assert code == 0
+    scores = {int(line.split()[0]): float(line.split()[1]) for line in printed[1:5]}
+    best = (max if metric == "auc" else min)(scores, key=lambda n: (scores[n], -n))
+    assert len(set(scores.values())) > 1  # else any direction would pick the same n
+    assert printed[5] == f"best: the last {best} ({metric} {scores[best]:.4f})"
+
+
+def test_sweep_mode_overrides_the_direction(compiled_run, capsys):
+    code = main(["sweep", str(compiled_run / "ckpt"), "--data", str(compiled_run / "data.npz"),
+                 "--metric", "mse", "--mode", "max"])  # fmt: skip
+    printed = capsys.readouterr().out.splitlines()
+    scores = {int(line.split()[0]): float(line.split()[1]) for line in printed[1:5]}
+    best = max(scores, key=lambda n: (scores[n], -n))
+    assert code == 0 and printed[5] == f"best: the last {best} (mse {scores[best]:.4f})"
+
+
+def test_sweep_keras_failure_is_one_line(compiled_run, capsys):
+    data = compiled_run / "bad_labels.npz"
+    code = main(["sweep", str(compiled_run / "ckpt"), "--data", str(data)])
+    err = capsys.readouterr().err
+    assert code == 1 and err.count("\n") == 1
+    assert err.startswith(
+        f"streamavg: error: {data}: Keras cannot evaluate model_4.keras on x and y ("
+    )
+
+
+def test_without_keras_sweep_and_callbacks_name_the_extra(checkpoints, tmp_path):
+    """Keras made unimportable in a fresh interpreter (as on a core install)."""
+    np.savez(tmp_path / "d.npz", x=np.zeros((3, 6)), y=np.zeros((3, 3)))
+    args = ["sweep", str(checkpoints / "k3-keras"), "--data", str(tmp_path / "d.npz")]
+    hide = "import sys; sys.modules['keras'] = None; "
+    sweep = f"from streamavg.cli import main; sys.exit(main({args!r}))"
+    out = subprocess.run([sys.executable, "-c", hide + sweep], capture_output=True, text=True)
+    assert (out.returncode, out.stderr) == (
+        1,
+        "streamavg: error: streamavg sweep needs Keras: pip install 'streamavg[tensorflow]'\n",
+    )
+    out = subprocess.run([sys.executable, "-c", hide + "import streamavg.callbacks"],
+                         capture_output=True, text=True)  # fmt: skip
+    assert out.returncode == 1
+    assert out.stderr.splitlines()[-1] == (
+        "ImportError: streamavg.callbacks needs Keras 3: pip install 'streamavg[tensorflow]'"
+    )
