@@ -1,4 +1,4 @@
-"""The README's callbacks example runs as written."""
+"""The README's Python examples run as written, and again in the same place."""
 
 from __future__ import annotations
 
@@ -6,19 +6,50 @@ import os
 import re
 from pathlib import Path
 
+import numpy as np
+
 README = Path(__file__).parent.parent / "README.md"
 
 
-def test_the_callbacks_example_runs(tmp_path, capsys):
-    section = README.read_text().split("## During training")[1]
-    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+def example(heading: str) -> str:
+    section = README.read_text().split(f"\n## {heading}")[1]
+    return re.search(r"```python\n(.*?)```", section, re.S).group(1)
+
+
+def run_twice(code: str, directory: Path, capsys) -> list[str]:
+    """Run `code` twice in `directory`, as a user repeating it would; what each run printed."""
     cwd = os.getcwd()
-    os.chdir(tmp_path)
+    os.chdir(directory)
+    printed = []
     try:
-        exec(compile(code, str(README), "exec"), {})
+        for _ in range(2):
+            exec(compile(code, str(README), "exec"), {})
+            printed.append(capsys.readouterr().out)
     finally:
         os.chdir(cwd)
-    printed = capsys.readouterr().out
-    assert "'val_ema_accuracy', 'val_ema_loss', 'val_loss'" in printed
+    return printed
+
+
+def test_the_python_example_runs_twice(tmp_path, capsys):
+    import streamavg
+
+    first, second = run_twice(example("Python"), tmp_path, capsys)
+    assert first == second
+    names = [f"model_{e:02d}.keras" for e in (3, 4, 5, 6)]
+    weights = [round(float(w), 3) for w in streamavg.scheme_weights("linear", 4)]
+    assert first.splitlines()[0] == f"{names} {weights}"
+    assert first.splitlines()[1] == str(streamavg.scheme_weights("exp", 4, alpha=2.0))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["avg.keras", "ckpts", "exp.keras"]
+    linear = streamavg.average_tensors([tmp_path / "ckpts"], scheme="linear", last=4)
+    saved = streamavg.average_tensors([tmp_path / "avg.keras"])
+    assert linear.keys() == saved.keys()
+    for name in linear:
+        np.testing.assert_array_equal(saved[name], linear[name])
+
+
+def test_the_callbacks_example_runs_twice(tmp_path, capsys):
+    first, second = run_twice(example("During training"), tmp_path, capsys)
+    assert "'val_ema_accuracy', 'val_ema_loss', 'val_loss'" in first
+    assert second == first
     # The state file and the backup go once fit completes; the averaged weights stay.
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ema.weights.h5"]
