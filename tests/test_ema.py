@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import re
+from functools import partial
 
 import h5py
 import keras
@@ -19,7 +20,9 @@ from training import (
     assert_close,
     assert_equal,
     fold,
+    in_order,
     make_model,
+    make_unnamed_model,
     weights,
 )
 
@@ -139,13 +142,16 @@ def test_a_second_fit_keeps_weights_loaded_in_between():
     assert_equal(rec.steps[0], weights(other))
 
 
-def test_gradient_accumulation_updates_only_when_the_optimizer_applies():
-    model, rec = make_model(gradient_accumulation_steps=2), Recorder()
-    ema = EMA(decay=0.8)
-    model.fit(X, Y, epochs=2, callbacks=[ema, rec], **FIT)
-    applied = [rec.steps[0], *rec.steps[2::2]]
-    assert_close(shadow(ema), reference(applied, 0.8))
-    assert ema._counters()["steps"] == 8
+@pytest.mark.parametrize("k", [2, 3, 4])
+def test_gradient_accumulation_folds_after_each_real_update(k):
+    model, rec = make_model(gradient_accumulation_steps=k), Recorder()
+    ema = EMA(half_life_epochs=1.0)
+    model.fit(X[:48], Y[:48], epochs=3, callbacks=[ema, rec], **FIT)  # 6 batches an epoch
+    assert math.isclose(ema.decay, 0.5 ** (k / 6), rel_tol=1e-12)  # 6 / k updates an epoch
+    pairs = zip(rec.steps[1:], rec.iterations[:-1], rec.iterations[1:], strict=True)
+    updated = [w for w, before, after in pairs if after > before]
+    assert len(updated) == 18 // k == ema._counters()["steps"]
+    assert_close(shadow(ema), reference([rec.steps[0], *updated], ema.decay))
 
 
 def test_steps_a_loss_scale_optimizer_skips_are_left_out():
@@ -195,6 +201,20 @@ def test_batchnorm_statistics_policy(policy):
         assert_equal({k: seen[-1][k] for k in stats}, {k: rec.steps[-1][k] for k in stats})
 
 
+@pytest.mark.parametrize("policy", ["copy", "average"])
+def test_a_layer_unfrozen_between_fits_is_averaged_from_then_on(policy):
+    model, rec = make_model(), Recorder(trainable_only=False)
+    ema = EMA(decay=0.9, non_trainable=policy)
+    for trainable in (False, True):  # frozen, then fine-tuned
+        model.get_layer("hidden").trainable = trainable
+        model.compile(optimizer=keras.optimizers.SGD(learning_rate=0.05, momentum=0.9), loss="mse")
+        model.fit(X, Y, epochs=1, callbacks=[ema, rec], **FIT)
+    frozen = ["mlp/hidden/kernel", "mlp/hidden/bias"]
+    assert_equal({k: rec.steps[8][k] for k in frozen}, {k: rec.steps[0][k] for k in frozen})
+    assert_equal(rec.steps[9], rec.steps[8])  # the second fit trains on from the raw weights
+    assert_close(shadow(ema), reference(rec.steps[:9] + rec.steps[10:], 0.9))
+
+
 def test_early_stopping_restores_the_best_average_and_model_checkpoint_saves_it(tmp_path):
     at_epoch_end = []
 
@@ -221,8 +241,17 @@ def test_early_stopping_restores_the_best_average_and_model_checkpoint_saves_it(
     assert_equal(weights(saved), weights(model))
 
 
-def test_resume_from_the_state_file_with_backup_and_restore_equals_an_uninterrupted_run(tmp_path):
-    whole, ema = make_model(), EMA(decay=0.9)
+RENAMED = [  # (build, rebuild as a new process, whether that changes the variable paths)
+    (make_model, make_model, False),
+    (make_unnamed_model, partial(make_unnamed_model, swap=True), True),
+]
+
+
+@pytest.mark.parametrize("build, rebuild, renamed", RENAMED, ids=["same-names", "other-names"])
+def test_resume_from_the_state_file_with_backup_and_restore_equals_an_uninterrupted_run(
+    tmp_path, build, rebuild, renamed
+):
+    whole, ema = build(), EMA(decay=0.9)
     whole.fit(X, Y, epochs=4, callbacks=[ema], **FIT)
 
     class Crash(keras.callbacks.Callback):
@@ -236,19 +265,48 @@ def test_resume_from_the_state_file_with_backup_and_restore_equals_an_uninterrup
         backup = keras.callbacks.BackupAndRestore(tmp_path / "backup")
         return [backup, EMA(decay=0.9, state_path=state, weights_path=weights_file), *extra]
 
+    crashed = build()
     with pytest.raises(RuntimeError, match="crash"):
-        make_model().fit(X, Y, epochs=4, callbacks=callbacks(Crash()), **FIT)
+        crashed.fit(X, Y, epochs=4, callbacks=callbacks(Crash()), **FIT)
     assert sorted(p.name for p in tmp_path.iterdir()) == [
         "backup",
         "ema.state.h5",
         "ema.weights.h5",
     ]
-    resumed = make_model()
+    resumed = rebuild()  # as a new process: "other-names" trades two equal layers' names
+    paths = [list(weights(m)) for m in (crashed, resumed)]
+    assert sorted(paths[0]) == sorted(paths[1])  # each path is in the state file...
+    assert (paths[0] != paths[1]) == renamed  # ...but, renamed, for another variable
     resumed.fit(X, Y, epochs=4, callbacks=callbacks(), **FIT)
-    assert_equal(weights(resumed), weights(whole))
-    standalone = make_model()
+    assert_equal(in_order(resumed), in_order(whole))
+    standalone = rebuild()
     standalone.load_weights(weights_file)
-    assert_equal(weights(standalone), weights(whole))
+    assert_equal(in_order(standalone), in_order(whole))
+
+
+def test_a_state_file_for_other_variables_is_refused(tmp_path):
+    state = tmp_path / "ema.state.h5"
+    saved = EMA(decay=0.9)
+    saved.set_model(make_model())
+    saved.save_state(state)
+    wider = keras.Sequential(
+        [
+            keras.Input((4,)),
+            keras.layers.Dense(16, name="hidden"),
+            keras.layers.Dense(2, name="out"),
+        ],
+        name="mlp",
+    )
+    for model, message in [
+        (wider, f"{state}: averaged variable 0 (mlp/hidden/kernel) has shape (4, 16), but the "
+                "file's variable 0 (mlp/hidden/kernel) has shape (4, 8)"),
+        (make_unnamed_model(), f"{state}: holds 4 averaged variables, but this model has 8"),
+    ]:  # fmt: skip
+        model.compile(optimizer="sgd", loss="mse")
+        ema = EMA(decay=0.9)
+        ema.set_model(model)
+        with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
+            ema.load_state(state)
 
 
 def test_a_state_file_from_another_point_of_training_is_refused(tmp_path):
@@ -279,7 +337,8 @@ def test_state_saved_every_n_batches_and_removed_when_fit_completes(tmp_path):
         model.fit(X, Y, epochs=1, callbacks=[ema, rec, Crash()], **FIT)
     with h5py.File(state) as f:  # written after the third step, not since
         saved = json.loads(f.attrs["streamavg_state"])
-        values = {k: f[k][()].astype(np.float64) for k in shadow(ema)}
+        stored = [f[f"shadow/{i}"] for i in range(len(f["shadow"]))]  # by position
+        values = {d.attrs["path"]: d[()].astype(np.float64) for d in stored}
     assert saved["counters"] == {"steps": 3, "begin": 0} and saved["optimizer_step"] == 3
     assert_close(values, reference(rec.steps[:4], 0.9))
     model.fit(X, Y, epochs=1, callbacks=[ema], **FIT)  # the same object goes on from memory

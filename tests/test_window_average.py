@@ -3,11 +3,23 @@
 from __future__ import annotations
 
 import re
+from functools import partial
 
 import keras
 import numpy as np
 import pytest
-from training import FIT, VAL, X, Y, assert_close, assert_equal, make_model, weights
+from training import (
+    FIT,
+    VAL,
+    X,
+    Y,
+    assert_close,
+    assert_equal,
+    in_order,
+    make_model,
+    make_unnamed_model,
+    weights,
+)
 
 import streamavg
 from streamavg.callbacks import WindowAverage
@@ -50,8 +62,13 @@ def test_validation_sees_raw_weights_before_the_window_and_the_average_within_it
     assert_close(third, {k: (raw1[k] + seen[2][1][k]) / 2 for k in raw1})
 
 
-def test_resume_after_a_crash_equals_an_uninterrupted_run(tmp_path):
-    whole = make_model()
+@pytest.mark.parametrize(
+    "build, rebuild",  # rebuilt as a new process: "other-names" trades two equal layers' names
+    [(make_model, make_model), (make_unnamed_model, partial(make_unnamed_model, swap=True))],
+    ids=["same-names", "other-names"],
+)
+def test_resume_after_a_crash_equals_an_uninterrupted_run(tmp_path, build, rebuild):
+    whole = build()
     whole.fit(X, Y, epochs=4, callbacks=[WindowAverage("linear")], **FIT)
 
     class Crash(keras.callbacks.Callback):
@@ -64,10 +81,27 @@ def test_resume_after_a_crash_equals_an_uninterrupted_run(tmp_path):
         return [backup, WindowAverage("linear", state_path=tmp_path / "avg.h5"), *extra]
 
     with pytest.raises(RuntimeError, match="crash"):
-        make_model().fit(X, Y, epochs=4, callbacks=callbacks(Crash()), **FIT)
-    resumed = make_model()
+        build().fit(X, Y, epochs=4, callbacks=callbacks(Crash()), **FIT)
+    resumed = rebuild()
     resumed.fit(X, Y, epochs=4, callbacks=callbacks(), **FIT)
-    assert_equal(weights(resumed), weights(whole))
+    assert_equal(in_order(resumed), in_order(whole))
+
+
+def test_a_layer_unfrozen_between_fits_is_averaged_from_then_on():
+    ends = []
+
+    class Ends(keras.callbacks.Callback):  # listed first: sees the raw weights
+        def on_epoch_end(self, epoch, logs=None):
+            ends.append(weights(self.model, trainable_only=False))
+
+    model, avg = make_model(), WindowAverage("equal", non_trainable="copy")
+    for trainable in (False, True):  # frozen, then fine-tuned
+        model.get_layer("hidden").trainable = trainable
+        model.compile(optimizer=keras.optimizers.SGD(learning_rate=0.05, momentum=0.9), loss="mse")
+        model.fit(X, Y, epochs=2, callbacks=[Ends(), avg], **FIT)
+    frozen = "mlp/hidden/kernel"
+    np.testing.assert_array_equal(ends[1][frozen], ends[0][frozen])  # in the first fit
+    assert_close(shadow(avg), {k: np.mean([e[k] for e in ends], axis=0) for k in ends[0]})
 
 
 @pytest.mark.parametrize(

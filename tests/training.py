@@ -32,6 +32,30 @@ def make_model(*, dtype=None, batchnorm: bool = False, **optimizer_args) -> kera
     return model
 
 
+def make_unnamed_model(*, swap: bool = False) -> keras.Model:
+    """An MLP with two hidden Dense(8 -> 8) layers and the names Keras generates, as a new
+    process builds it (the names start afresh).
+
+    `swap` creates those two layers in the other order, so they trade names (and paths)
+    while the model's variable order, shapes and initial weights (seeded by position)
+    stay the same: what an average matched by name would silently mix up.
+    """
+    keras.backend.clear_session()  # generated names start again from "dense"
+    keras.utils.set_random_seed(0)
+    order = [0, 2, 1, 3] if swap else [0, 1, 2, 3]
+    layers = {
+        i: keras.layers.Dense(
+            2 if i == 3 else 8,
+            activation=None if i == 3 else "relu",
+            kernel_initializer=keras.initializers.GlorotUniform(seed=i),
+        )
+        for i in order
+    }
+    model = keras.Sequential([keras.Input((4,)), *(layers[i] for i in range(4))])
+    model.compile(optimizer=keras.optimizers.SGD(learning_rate=0.05, momentum=0.9), loss="mse")
+    return model
+
+
 def weights(model: keras.Model, trainable_only: bool = True) -> dict[str, np.ndarray]:
     """The model's float variables by path, as float64 copies."""
     variables = model.trainable_variables if trainable_only else model.variables
@@ -42,19 +66,30 @@ def weights(model: keras.Model, trainable_only: bool = True) -> dict[str, np.nda
     }
 
 
+def in_order(model: keras.Model) -> dict[int, np.ndarray]:
+    """`weights(model)` by position, to compare models whose variable names differ."""
+    return dict(enumerate(weights(model).values()))
+
+
 class Recorder(keras.callbacks.Callback):
-    """Records the weights at the start of fit and after every batch (float64 copies)."""
+    """Records the weights (float64 copies) and the optimizer's `iterations` at the start
+    of fit and after every batch."""
 
     def __init__(self, trainable_only: bool = True):
         super().__init__()
         self.trainable_only = trainable_only
         self.steps: list[dict[str, np.ndarray]] = []
+        self.iterations: list[int] = []
 
     def on_train_begin(self, logs=None):
-        self.steps.append(weights(self.model, self.trainable_only))
+        self._record()
 
     def on_train_batch_end(self, batch, logs=None):
+        self._record()
+
+    def _record(self) -> None:
         self.steps.append(weights(self.model, self.trainable_only))
+        self.iterations.append(int(ops.convert_to_numpy(self.model.optimizer.iterations)))
 
 
 def fold(average: dict, new: dict, keep: float) -> dict:

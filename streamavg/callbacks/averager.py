@@ -26,6 +26,7 @@ VALIDATE = ("average", "raw", "both")
 FINAL_WEIGHTS = ("average", "raw")
 NON_TRAINABLE = ("average", "copy")
 STATE_ATTR = "streamavg_state"
+SHADOW_GROUP = "shadow"  # in a state file: the shadows by position, "0", "1", ...
 
 
 def _choice(name: str, value: str, allowed: tuple[str, ...]) -> str:
@@ -95,22 +96,33 @@ class Averager(keras.callbacks.Callback):
     # -- the shadow ------------------------------------------------------------------
 
     def _build(self) -> None:
-        """Create the shadow variables (float32 at least) from the model's current weights."""
+        """Start averaging: shadows of the model's current weights (subclasses add counters)."""
+        self._track()
+
+    def _track(self) -> None:
+        """Average the variables the model has now: the trainable ones, and the float
+        non-trainable ones (BatchNorm statistics) under ``non_trainable="average"``.
+
+        Run again at the start of each later `fit`, so that a layer unfrozen in between is
+        averaged from then on. A variable averaged before keeps its shadow, matched by
+        identity (unfreezing moves variables within the lists); a new one starts from its
+        current value, which is its exact average if it was frozen until now; variables no
+        longer tracked stop being averaged.
+        """
         model = self.model
         tracked = list(model.trainable_variables)
         if self.non_trainable == "average":
-            floats = [v for v in model.non_trainable_variables if _is_float(v.dtype)]
-            tracked += floats
+            tracked += [v for v in model.non_trainable_variables if _is_float(v.dtype)]
+        kept = {id(v): s for v, s in zip(self._tracked or [], self._shadow, strict=True)}
+        self._shadow = [kept[id(v)] if id(v) in kept else self._new_shadow(v) for v in tracked]
         self._tracked = tracked
-        self._shadow = [
-            keras.Variable(
-                _copy(v, _shadow_dtype(v.dtype)),
-                dtype=_shadow_dtype(v.dtype),
-                trainable=False,
-                name=f"{self.name}_{v.name}",
-            )
-            for v in tracked
-        ]
+
+    def _new_shadow(self, v) -> keras.Variable:
+        """A shadow of `v` (float32 at least) holding its current value."""
+        dtype = _shadow_dtype(v.dtype)
+        return keras.Variable(
+            _copy(v, dtype), dtype=dtype, trainable=False, name=f"{self.name}_{v.name}"
+        )
 
     def _fold(self, share) -> None:
         """Move the shadow by `share` towards the model's weights, on the weights' device."""
@@ -184,7 +196,13 @@ class Averager(keras.callbacks.Callback):
             self.model.save_weights(tmp, overwrite=True)
 
     def save_state(self, path: str | Path) -> None:
-        """Write the shadow, the counters and the configuration atomically, for `load_state`."""
+        """Write the shadow, the counters and the configuration atomically, for `load_state`.
+
+        The shadows are stored by the position of their variable in the tracked list
+        (datasets ``shadow/0``, ``shadow/1``, ...; each variable's path is kept as an
+        attribute, for information only), as Keras's own weight files do: a new process may
+        generate other layer names for the same model.
+        """
         state = {
             "streamavg": __version__,
             "kind": type(self).__name__,
@@ -194,12 +212,14 @@ class Averager(keras.callbacks.Callback):
         }
         with atomic_output(Path(path), overwrite=True) as tmp, h5py.File(tmp, "w") as f:
             f.attrs[STATE_ATTR] = json.dumps(state)
-            for s, v in zip(self._shadow, self._tracked, strict=True):
-                f.create_dataset(v.path, data=ops.convert_to_numpy(s))
+            group = f.create_group(SHADOW_GROUP)
+            for i, (s, v) in enumerate(zip(self._shadow, self._tracked, strict=True)):
+                group.create_dataset(str(i), data=ops.convert_to_numpy(s)).attrs["path"] = v.path
 
     def load_state(self, path: str | Path) -> None:
         """Resume from `save_state`'s file; the model must be at the optimizer step it was saved at.
 
+        The shadows are matched to the model's variables by position and shape, not by name.
         Raises ValueError, naming the file, if it was written for another configuration,
         model or point of training.
         """
@@ -218,12 +238,21 @@ class Averager(keras.callbacks.Callback):
                     f"is at step {step}; restore the matching weights first (for example with "
                     "keras.callbacks.BackupAndRestore) or remove the file to start afresh"
                 )
-            values = []
-            for s, v in zip(self._shadow, self._tracked, strict=True):
-                data = f.get(v.path)
-                if not isinstance(data, h5py.Dataset) or data.shape != tuple(s.shape):
-                    raise ValueError(f"{path}: {v.path}: missing or of another shape")
-                values.append(data[()])
+            group = f.get(SHADOW_GROUP, {})
+            if len(group) != len(self._shadow):
+                raise ValueError(
+                    f"{path}: holds {len(group)} averaged variables, but this model has "
+                    f"{len(self._shadow)}"
+                )
+            datasets = [group[str(i)] for i in range(len(group))]
+            for i, (data, v) in enumerate(zip(datasets, self._tracked, strict=True)):
+                if data.shape != tuple(v.shape):
+                    raise ValueError(
+                        f"{path}: averaged variable {i} ({v.path}) has shape {tuple(v.shape)}, "
+                        f"but the file's variable {i} ({data.attrs['path']}) has shape "
+                        f"{data.shape}"
+                    )
+            values = [data[()] for data in datasets]
         for s, value in zip(self._shadow, values, strict=True):
             s.assign(value)
         self._set_counters(state["counters"])
@@ -258,11 +287,13 @@ class Averager(keras.callbacks.Callback):
         self._fit = self.model.history  # fit gives every run a new History
         if self._tracked is None:
             self._build()
-        if self._raw is not None:  # the average was left in the model by the last fit
-            if self._holds_average():
-                self._show_raw()
-            else:
-                self._raw = None  # someone replaced the weights since: train from theirs
+        else:  # a later fit: train on from the raw weights, averaging what is trained now
+            if self._raw is not None:  # the average was left in the model by the last fit
+                if self._holds_average():
+                    self._show_raw()
+                else:
+                    self._raw = None  # someone replaced the weights since: train from theirs
+            self._track()
         if self.validate != "raw":
             self.model.evaluate = self._evaluate  # replaces one left by an interrupted fit
 

@@ -35,7 +35,8 @@ class EMA(Averager):
         decay: d, the share the average keeps at each update. Defaults to 0.999 unless
             a half-life is given instead.
         half_life_steps: the horizon as a half-life in optimizer steps: d = 0.5 ** (1 / h).
-        half_life_epochs: the same in epochs, using `fit`'s steps per epoch.
+        half_life_epochs: the same in epochs, using `fit`'s steps per epoch (divided by
+            the optimizer's `gradient_accumulation_steps`: updates per epoch).
         warmup: if True, d is capped at ``t / (9 + t)`` at the t-th optimizer step since
             the start, so early weights are soon forgotten (the schedule of
             `tf.train.ExponentialMovingAverage` with `num_updates`). False: the plain update.
@@ -58,17 +59,26 @@ class EMA(Averager):
         state_path: an HDF5 file of the shadow, step counts and configuration, written
             atomically at each save. The first `fit` of a new EMA that finds it resumes
             from it, exactly; the model must be at the same optimizer step (as
-            `BackupAndRestore` ensures: give both the same save frequency). After an
-            exception, resume in a new EMA object; the old one continues from memory.
+            `BackupAndRestore` ensures: give both the same save frequency). Averages are
+            stored by the variables' order in the model, as Keras's weight files are, so a
+            new process that generates other layer names resumes all the same; a model
+            whose variables differ in number or shape is refused. After an exception,
+            resume in a new EMA object; the old one continues from memory.
         delete_state: remove the state file when `fit` completes, as `BackupAndRestore`
             removes its backup; False keeps it.
         weights_path: also write the EMA as a `.weights.h5` that `model.load_weights`
             reads, at each save; it may use `{epoch}` and logs keys, like `ModelCheckpoint`.
         name: the prefix of the metrics that `validate="both"` adds.
 
-    Gradient accumulation is honoured: only steps where the optimizer applies count. In a
-    custom training loop, call `ema.set_model(model)` once and `ema.update()` after each
-    optimizer step; `with ema.swapped():` evaluates on the average.
+    The variables to average are looked up again at the start of each `fit`: a layer
+    unfrozen in between is averaged from then on, starting from its current value (its
+    exact average if it was frozen until then), and the others keep their average.
+
+    With `gradient_accumulation_steps=k` on the optimizer, the average folds after each
+    real update (when `optimizer.iterations` advances, every k-th batch), and optimizer
+    steps in these arguments are updates. In a custom training loop, call
+    `ema.set_model(model)` once and `ema.update()` after each optimizer step;
+    `with ema.swapped():` evaluates on the average.
     """
 
     def __init__(
@@ -194,8 +204,9 @@ class EMA(Averager):
             steps = self.params.get("steps")
             if not steps:
                 raise ValueError("half_life_epochs needs a known number of steps per epoch")
-            every = self.model.optimizer.gradient_accumulation_steps or 1
-            self._log_decay = math.log(0.5) / (self.half_life_epochs * steps / every)
+            every = _innermost(self.model.optimizer).gradient_accumulation_steps or 1
+            updates = steps / every  # per epoch, on average
+            self._log_decay = math.log(0.5) / (self.half_life_epochs * updates)
         super().on_train_begin(logs)
         _hook(self.model.optimizer, self, self._after_step)
         self.model.make_train_function(force=True)  # traced anew, with the update inside
@@ -231,9 +242,12 @@ def _innermost(optimizer):
 def _hook(optimizer, owner, hook) -> None:
     """Call `hook(applied)` after each `apply` of `optimizer`, inside the train step.
 
-    `applied` is False on gradient-accumulation micro-steps (a tensor where that is only
-    known on the device). The innermost optimizer is hooked: `LossScaleOptimizer` skips it
-    on non-finite gradients, so skipped steps never reach the hook.
+    `applied` says whether the weights were updated. Without gradient accumulation every
+    `apply` updates: True. With it, whether `apply` advanced `optimizer.iterations`, which
+    counts updates, not micro-steps (a tensor, known on the device only): comparing the
+    counts holds however the optimizer schedules its updates internally. The innermost
+    optimizer is hooked: `LossScaleOptimizer` skips it on non-finite gradients, so
+    skipped steps never reach the hook.
     """
     opt = _innermost(optimizer)
     hooks = _HOOKS.get(opt)
@@ -242,9 +256,11 @@ def _hook(optimizer, owner, hook) -> None:
         apply = opt.apply
 
         def apply_then_hooks(grads, trainable_variables=None):
-            every = opt.gradient_accumulation_steps
-            applied = True if not every else ops.equal((opt.iterations + 1) % every, 0)
+            accumulates = bool(opt.gradient_accumulation_steps)
+            # A copy: the variable itself may read back after apply's in-place increment.
+            before = ops.copy(opt.iterations) if accumulates else None
             apply(grads, trainable_variables)
+            applied = ops.greater(opt.iterations, before) if accumulates else True
             for h in list(hooks.values()):
                 h(applied)
 

@@ -31,6 +31,10 @@ class WindowAverage(Averager):
         weights_path, name: as for `EMA`; validation before `start_epoch` sees the raw
             weights.
 
+    As for `EMA`, the variables to average are looked up again at the start of each `fit`,
+    so a layer unfrozen in between joins the average, and the state file matches the
+    averages to the model's variables by order and shape, not by name.
+
     In a custom training loop, call `avg.set_model(model)` once and `avg.update()` at the
     end of each epoch in the window.
     """
