@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+import warnings
 from collections.abc import Iterable, Sequence
 from contextlib import ExitStack
 from pathlib import Path
@@ -19,7 +20,7 @@ import numpy as np
 
 from . import keras_zip
 from ._version import __version__
-from .engine import MIN_MEMORY, fold, model_tensors, open_all
+from .engine import MIN_MEMORY, fold, model_tensors, open_all, to_average
 from .errors import UsageError, option
 from .formats import SUFFIXES, Checkpoint
 from .output import atomic_output, check_output, destination, h5_like
@@ -30,13 +31,17 @@ OPTIMIZER_POLICIES = ("drop", "newest")
 
 
 class Plan(NamedTuple):
-    """What to average: checkpoints oldest first, their normalised weights, and how."""
+    """What to average: checkpoints oldest first, their normalised weights, and how.
+
+    `notes` say what the selection left out, or how it ordered the files.
+    """
 
     files: tuple[Path, ...]
     weights: tuple[float, ...]
     scheme: str
     alpha: float | None = None
     by_mtime: bool = False
+    notes: tuple[str, ...] = ()
 
 
 class Result(NamedTuple):
@@ -56,13 +61,33 @@ def plan(
     pattern: str | None = None,
     last: int | None = None,
     epochs: str | None = None,
+    template: str | None = None,
+    best: int | None = None,
+    monitor: str | None = None,
+    mode: str = "auto",
+    log: str | os.PathLike | None = None,
 ) -> Plan:
-    """Select and order checkpoints, then weigh them; reads no file contents."""
+    """Select and order checkpoints (see :func:`streamavg.select.select_checkpoints`), then
+    weigh them. Reads no weights: only the files' provenance, and the `log` if given.
+
+    >>> streamavg.plan(["ckpts/"], best=5, monitor="val_loss", log="log.csv")  # doctest: +SKIP
+    """
     scheme_weights(scheme, 1, alpha=alpha)  # reject a bad scheme or alpha before touching files
-    sel = select_checkpoints(paths, pattern=pattern, last=last, epochs=epochs)
+    sel = select_checkpoints(
+        paths,
+        pattern=pattern,
+        last=last,
+        epochs=epochs,
+        template=template,
+        best=best,
+        monitor=monitor,
+        mode=mode,
+        log=log,
+    )
     w = scheme_weights(scheme, len(sel.paths), alpha=alpha, weights=weights)
     name = "weights" if weights is not None else scheme
-    return Plan(sel.paths, tuple(w.tolist()), name, alpha if name == "exp" else None, sel.by_mtime)
+    alpha = alpha if name == "exp" else None
+    return Plan(sel.paths, tuple(w.tolist()), name, alpha, sel.by_mtime, sel.notes)
 
 
 def run(
@@ -72,11 +97,16 @@ def run(
     optimizer: str = "drop",
     overwrite: bool = False,
     allow_nonfinite: bool = False,
+    integers: str = "equal",
     max_memory: int | None = None,
     progress: bool = False,
 ) -> Result:
     """Average the plan's checkpoints into `output`, a file in their own format.
 
+    Integer weights (counters, quantized kernels) cannot be averaged: with `integers`
+    "equal" they must be the same in every checkpoint; with "newest", a layer whose
+    integers differ is taken whole from the newest checkpoint, its float weights too (a
+    quantized kernel's scale), so that no layer is half averaged.
     `max_memory` caps the working buffers in bytes (default: a few MiB per core, which
     is fastest); memory never grows with the model's size or the number of checkpoints.
     """
@@ -89,13 +119,14 @@ def run(
         newest = checkpoints[-1]
         dest = destination(output, newest, p.scheme, len(p.files))
         check_output(dest, p.files, overwrite)
-        averaged = [t for t in model_tensors(newest).values() if t.averaged]
+        averaged = to_average(checkpoints, integers=integers, max_memory=max_memory)
         provenance = {
             "streamavg": __version__,
             "scheme": p.scheme,
             **({"alpha": p.alpha} if p.alpha is not None else {}),
             "optimizer": optimizer,
-            "files": [f.name for f in p.files],
+            "integers": integers,
+            "files": _relative(p.files),
             "weights": list(p.weights),
         }
         need = sum(t.nbytes for t in averaged)
@@ -125,48 +156,59 @@ def run(
     return Result(dest, p.files, p.weights)
 
 
+def _relative(files: Sequence[Path]) -> list[str]:
+    """The files below their common directory: names, or `epoch_3/model.keras` and such."""
+    root = os.path.commonpath([os.path.dirname(os.path.abspath(f)) for f in files])
+    return [os.path.relpath(os.path.abspath(f), root) for f in files]
+
+
 def average(
     paths: Iterable[str | os.PathLike],
     *,
-    scheme: str = "equal",
-    alpha: float = 2.0,
-    weights: Sequence[float] | None = None,
     output: str | os.PathLike | None = None,
-    pattern: str | None = None,
-    last: int | None = None,
-    epochs: str | None = None,
-    **options: Any,
+    optimizer: str = "drop",
+    overwrite: bool = False,
+    allow_nonfinite: bool = False,
+    integers: str = "equal",
+    max_memory: int | None = None,
+    progress: bool = False,
+    **plan_args: Any,
 ) -> Result:
-    """Average Keras checkpoints into one file of their format; see :func:`run` for `options`.
+    """Average Keras checkpoints into one file of their format: :func:`plan` with
+    `plan_args` (scheme, selection), then :func:`run` with the other options.
 
     >>> streamavg.average(["ckpts/"], scheme="exp", alpha=2.0, output="avg.keras")  # doctest: +SKIP
     """
-    p = plan(
-        paths,
-        scheme=scheme,
-        alpha=alpha,
-        weights=weights,
-        pattern=pattern,
-        last=last,
-        epochs=epochs,
+    return run(
+        plan(paths, **plan_args),
+        output,
+        optimizer=optimizer,
+        overwrite=overwrite,
+        allow_nonfinite=allow_nonfinite,
+        integers=integers,
+        max_memory=max_memory,
+        progress=progress,
     )
-    return run(p, output, **options)
 
 
 def average_tensors(
-    paths: Iterable[str | os.PathLike], *, allow_nonfinite: bool = False, **plan_args: Any
+    paths: Iterable[str | os.PathLike],
+    *,
+    allow_nonfinite: bool = False,
+    integers: str = "equal",
+    **plan_args: Any,
 ) -> dict[str, np.ndarray]:
-    """The averaged model tensors in memory, by their names in the file (for small models).
-
-    Non-float tensors come from the newest checkpoint; optimizer state is left out.
+    """The averaged model tensors in memory, by their names in the newest file (for small
+    models). What is not averaged (see `integers` in :func:`run`) comes from the newest
+    checkpoint; optimizer state is left out.
     """
     p = plan(paths, **plan_args)
     with ExitStack() as stack:
         checkpoints = open_all(p.files, stack)
         tensors = model_tensors(checkpoints[-1])
         newest = checkpoints[-1]
-        result = {n: newest.read_whole(n) for n, t in tensors.items() if not t.averaged}
-        averaged = [t for t in tensors.values() if t.averaged]
+        averaged = to_average(checkpoints, integers=integers)
+        result = {n: newest.read_whole(n) for n in tensors.keys() - {t.name for t in averaged}}
         result |= {t.name: np.empty(t.shape, t.dtype) for t in averaged}
 
         def write(t, index, values):
@@ -181,16 +223,22 @@ def load_into_model(
     paths: Iterable[str | os.PathLike],
     *,
     allow_nonfinite: bool = False,
+    integers: str = "equal",
     **plan_args: Any,
 ) -> Result:
-    """Average `paths` (selected and weighed as by :func:`plan`) into a Keras `model`.
+    """Average `paths` (selected and weighed as by :func:`plan`) into a Keras `model`;
+    `integers` is as for :func:`run`.
 
     The average goes to a temporary file that `model.load_weights` reads, so Keras maps the
-    tensors onto the model exactly as it would the checkpoints themselves.
+    tensors onto the model exactly as it would the checkpoints themselves. The model's
+    optimizer state is left as it was: an average has none, so Keras's warning that it
+    skipped the optimizer's variables says only that, and is not shown.
     """
     p = plan(paths, **plan_args)
     with Checkpoint(p.files[-1]) as newest, tempfile.TemporaryDirectory(prefix="streamavg-") as tmp:
         output = Path(tmp) / f"averaged{SUFFIXES[newest.format]}"
-        run(p, output, allow_nonfinite=allow_nonfinite)
-        model.load_weights(str(output))
+        run(p, output, allow_nonfinite=allow_nonfinite, integers=integers)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", "Skipping variable loading for optimizer")
+            model.load_weights(str(output))
     return Result(None, p.files, p.weights)

@@ -15,8 +15,10 @@ from collections.abc import Sequence
 
 from ._version import __version__
 from .api import OPTIMIZER_POLICIES, Plan, plan, run
+from .engine import INTEGER_POLICIES
 from .errors import StreamavgError, UsageError, command_line
 from .formats import PROVENANCE_ATTR, Checkpoint
+from .monitor import MODES
 from .output import check_output, destination
 from .schemes import SCHEMES
 
@@ -73,6 +75,7 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="average NaN and Inf instead of refusing them",
     )
+    _add_integers(out)
     out.add_argument(
         "--max-memory",
         metavar="SIZE",
@@ -81,21 +84,84 @@ def _parser() -> argparse.ArgumentParser:
         "memory never grows with the model's size or the number of checkpoints",
     )
     out.add_argument("-q", "--quiet", action="store_true", help="no progress bar or weight table")
+    out.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="print the selection, its weights and the output path, then stop: "
+        "no weights read, nothing written",
+    )
     p.add_argument("-V", "--version", action="version", version=f"streamavg {__version__}")
     return p
 
 
 def _add_selection(p: argparse.ArgumentParser) -> None:
-    sel = p.add_argument_group("selection")
+    """The selection options (sweep's --mode also gives its --metric's direction)."""
+    sel = p.add_argument_group(
+        "selection",
+        "Checkpoints are ordered by the epoch (and batch) numbers in their names, never\n"
+        "by metric values such as 0.53; filters apply in the order --epochs, --best, --last.",
+    )
     sel.add_argument(
         "--pattern",
         metavar="GLOB",
-        help="files to take from directories (default: *.keras, *.h5, *.hdf5)",
+        help="files to take from directories (default: *.keras, *.h5, *.hdf5, or those one "
+        "level down if there are none)",
     )
-    sel.add_argument("--last", type=int, metavar="N", help="keep only the newest N checkpoints")
+    sel.add_argument(
+        "--template",
+        metavar="FILEPATH",
+        help="the ModelCheckpoint filepath that named the files, such as "
+        "'ckpt.{epoch:02d}-{val_loss:.2f}.keras': order by its {epoch} and {batch}, take "
+        "metric values from its fields, leave out names it does not match",
+    )
     sel.add_argument(
         "--epochs", metavar="FIRST:LAST", help="keep epochs FIRST to LAST inclusive, e.g. 490:499"
     )
+    sel.add_argument(
+        "--best",
+        type=int,
+        metavar="K",
+        help="keep the K checkpoints best by --monitor (still weighed oldest to newest)",
+    )
+    sel.add_argument(
+        "--monitor", metavar="NAME", help="the logged metric --best ranks by, e.g. val_loss"
+    )
+    sel.add_argument(
+        "--mode",
+        choices=MODES,
+        default="auto",
+        help="whether lower (min) or higher (max) --monitor (and sweep's --metric) is better "
+        "(default auto: as Keras's callbacks infer it)",
+    )
+    sel.add_argument(
+        "--log",
+        metavar="CSV",
+        help="a keras.callbacks.CSVLogger file with --monitor for every epoch "
+        "(default: the --template's field)",
+    )
+    sel.add_argument("--last", type=int, metavar="N", help="keep only the newest N checkpoints")
+
+
+def _add_integers(group: argparse._ArgumentGroup) -> None:
+    group.add_argument(
+        "--integers",
+        choices=INTEGER_POLICIES,
+        default="equal",
+        help="integer weights (counters, quantized kernels) cannot be averaged: require them "
+        "equal in every checkpoint, or take each layer whose integers differ whole from the "
+        "newest checkpoint, float weights (a quantized kernel's scale) too (default: equal)",
+    )
+
+
+def _selection(args: argparse.Namespace, **given: str) -> dict:
+    """The keyword arguments of `plan` that choose and order the checkpoints."""
+    names = ("pattern", "template", "epochs", "best", "monitor", "mode", "log", "last")
+    return {name: getattr(args, name) for name in names} | given
+
+
+def _print_notes(p: Plan) -> None:
+    for note in p.notes:
+        print(f"streamavg: note: {note}", file=sys.stderr)
 
 
 def _add_scheme(p: argparse.ArgumentParser) -> argparse._ArgumentGroup:
@@ -145,27 +211,24 @@ def _average(argv: Sequence[str]) -> int:
     args = _parser().parse_args(argv)
     started = time.perf_counter()
     p = plan(
-        args.inputs,
-        scheme=args.scheme,
-        alpha=args.alpha,
-        weights=args.weights,
-        pattern=args.pattern,
-        last=args.last,
-        epochs=args.epochs,
+        args.inputs, scheme=args.scheme, alpha=args.alpha, weights=args.weights, **_selection(args)
     )
-    if p.by_mtime:
-        print(
-            "streamavg: note: file names carry no epoch number; ordered by modification time",
-            file=sys.stderr,
-        )
+    _print_notes(p)
     if not args.quiet:
         print(_table(p))
+    if args.dry_run:
+        with Checkpoint(p.files[-1]) as newest:
+            dest = destination(args.output, newest, p.scheme, len(p.files))
+        check_output(dest, p.files, args.overwrite)
+        print(f"dry run: would average {_count(len(p.files), 'file')} ({p.scheme}) into {dest}")
+        return 0
     result = run(
         p,
         args.output,
         optimizer=args.optimizer,
         overwrite=args.overwrite,
         allow_nonfinite=args.allow_nonfinite,
+        integers=args.integers,
         max_memory=args.max_memory,
         progress=not args.quiet,
     )
@@ -247,13 +310,19 @@ def _sweep(argv: Sequence[str]) -> int:
     p.add_argument("--greedy", action="store_true", help="greedy soup (Wortsman et al., 2022)")
     _add_selection(p)
     _add_scheme(p)
-    p.add_argument("-o", "--output", metavar="PATH", help="write the best average or soup here")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    out = p.add_argument_group("output")
+    out.add_argument("-o", "--output", metavar="PATH", help="write the best average or soup here")
+    out.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    _add_integers(out)
     args = p.parse_args(argv)
     if args.greedy and args.scheme != "equal":
         raise UsageError("--greedy averages its soup equally; it takes no --scheme")
-    select = {"pattern": args.pattern, "last": args.last, "epochs": args.epochs}
-    files = plan(args.inputs, scheme=args.scheme, alpha=args.alpha, **select).files
+    ranking = {"mode": args.mode if args.best else "auto"}  # --mode is the --metric's too
+    chosen = plan(args.inputs, scheme=args.scheme, alpha=args.alpha, **_selection(args, **ranking))
+    _print_notes(chosen)
+    files = chosen.files
+    order = {"template": args.template}  # selecting among `files` again keeps their order
+    integers = args.integers
     if args.output:  # refuse a bad output now, not after scoring every average
         with Checkpoint(files[-1]) as newest:
             check_output(destination(args.output, newest, "sweep", 1), files, args.overwrite)
@@ -261,22 +330,30 @@ def _sweep(argv: Sequence[str]) -> int:
     from .evaluate import keras_scorer
     from .sweeps import greedy_soup, sweep
 
-    evaluate, metric, maximize = keras_scorer(files[-1], args.data, args.metric)
+    evaluate, metric, maximize = keras_scorer(files[-1], args.data, args.metric, args.mode)
     if args.greedy:
-        soup = greedy_soup(files, evaluate=evaluate, maximize=maximize)
+        soup = greedy_soup(files, evaluate=evaluate, maximize=maximize, integers=integers, **order)
         print(f"{metric:>10}  file (each alone)")
         print("\n".join(f"{score:10.4f}  {path}" for path, score in soup.singles.items()))
         kept = ", ".join(path.name for path in soup.kept)
         print(f"soup of {len(soup.kept)} of {len(files)}: {kept}; {metric} {soup.score:.4f}")
-        best = plan(soup.kept, scheme="equal")
+        best = plan(soup.kept, scheme="equal", **order)
     else:
-        result = sweep(files, args.scheme, evaluate=evaluate, alpha=args.alpha, maximize=maximize)
+        result = sweep(
+            files,
+            args.scheme,
+            evaluate=evaluate,
+            alpha=args.alpha,
+            maximize=maximize,
+            integers=integers,
+            **order,
+        )
         print(f"{'last n':>6}  {metric} ({args.scheme})")
         print("\n".join(f"{n:>6}  {score:.4f}" for n, score in result.scores.items()))
         print(f"best: the last {result.best} ({metric} {result.scores[result.best]:.4f})")
-        best = plan(files[-result.best :], scheme=args.scheme, alpha=args.alpha)
+        best = plan(files[-result.best :], scheme=args.scheme, alpha=args.alpha, **order)
     if args.output:
-        print(f"wrote {run(best, args.output, overwrite=args.overwrite).output}")
+        print(f"wrote {run(best, args.output, overwrite=args.overwrite, integers=integers).output}")
     return 0
 
 
@@ -286,6 +363,35 @@ class _Stopped(BaseException):
 
 def _stop(signum: int, frame: object) -> None:
     raise _Stopped
+
+
+def _signal(e: BaseException | None) -> signal.Signals | None:
+    """The signal that stopped the run, if `e` is it or was caused by it: a signal met
+    inside a library's C code (h5py's) comes out wrapped in the library's error."""
+    while e is not None:
+        if isinstance(e, (KeyboardInterrupt, _Stopped)):
+            return signal.SIGTERM if isinstance(e, _Stopped) else signal.SIGINT
+        e = e.__cause__ or e.__context__
+    return None
+
+
+def _report(e: BaseException) -> int:
+    """One line on stderr for why the run stopped, and its exit status; other errors (bugs)
+    are raised with their traceback."""
+    sig = _signal(e)
+    if sig is not None:
+        print(f"streamavg: stopped by {sig.name}; temporary files removed", file=sys.stderr)
+        return 128 + sig
+    if isinstance(e, StreamavgError):
+        print(f"streamavg: error: {e}", file=sys.stderr)
+        return e.exit_code
+    if isinstance(e, BrokenPipeError):  # `streamavg inspect x | head`
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
+    if isinstance(e, OSError):
+        print(f"streamavg: error: {e.filename or ''}: {e.strerror or e}", file=sys.stderr)
+        return 1
+    raise e
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -303,19 +409,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             if argv[:1] and argv[0] in commands:
                 return commands[argv[0]](argv[1:])
             return _average(argv)
-    except StreamavgError as e:
-        print(f"streamavg: error: {e}", file=sys.stderr)
-        return e.exit_code
-    except BrokenPipeError:  # `streamavg inspect x | head`
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return 1
-    except OSError as e:
-        print(f"streamavg: error: {e.filename or ''}: {e.strerror or e}", file=sys.stderr)
-        return 1
-    except (KeyboardInterrupt, _Stopped) as e:
-        sig = signal.SIGTERM if isinstance(e, _Stopped) else signal.SIGINT
-        print(f"streamavg: stopped by {sig.name}; temporary files removed", file=sys.stderr)
-        return 128 + sig
+    except BaseException as e:
+        return _report(e)
     finally:
         if in_main:
             signal.signal(signal.SIGTERM, previous)

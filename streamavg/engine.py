@@ -12,6 +12,8 @@ from __future__ import annotations
 import contextvars
 import math
 import os
+import posixpath
+import re
 import resource
 import threading
 from collections.abc import Callable, Sequence
@@ -20,8 +22,8 @@ from contextlib import ExitStack
 import numpy as np
 
 from .blocks import block_shape, blocks
-from .errors import StreamavgError, option
-from .formats import Checkpoint, Tensor
+from .errors import StreamavgError, UsageError, option
+from .formats import BY_POSITION, Checkpoint, Tensor
 from .progress import bytes_bar
 
 PIECE_BYTES = 1 << 20  # float64 accumulator per piece: stays in the CPU cache
@@ -31,7 +33,11 @@ MIN_PIECE = 1 << 14  # elements; smaller pieces cost more in per-call overhead t
 FD_RESERVE = 64  # file descriptors left for the interpreter, HDF5 and the output
 WORKERS = min(8, os.cpu_count() or 1)  # reads and numpy release the GIL: one per core
 
+#: What to do with integer (and boolean) model tensors that differ between checkpoints.
+INTEGER_POLICIES = ("equal", "newest")
+
 Write = Callable[[Tensor, tuple[slice, ...], np.ndarray], None]
+Buffers = tuple[np.ndarray, np.ndarray, np.ndarray]  # a worker's: float64, float64, bytes
 
 
 def open_all(paths: Sequence, stack: ExitStack) -> list[Checkpoint]:
@@ -56,11 +62,17 @@ def open_all(paths: Sequence, stack: ExitStack) -> list[Checkpoint]:
 
 
 def check_matches(ck: Checkpoint, ref: Checkpoint) -> None:
-    """Require the format, model tensor names, shapes and dtypes of `ref`."""
+    """Require the format, model tensor names, shapes and dtypes of `ref`.
+
+    A legacy `.h5` file is first matched to `ref` as Keras loads it, layer by layer in
+    order, and its tensors take `ref`'s names (see `match_by_position`).
+    """
     if ck.format != ref.format:
         raise StreamavgError(
             f"{ck.path}: mixed formats: {ck.format} here, {ref.format} in {ref.path}"
         )
+    if ck.format in BY_POSITION:
+        match_by_position(ck, ref)
     want, have = model_tensors(ref), model_tensors(ck)
     for name in want.keys() - have.keys():
         raise StreamavgError(f"{ck.path}: {name}: missing (present in {ref.path})")
@@ -70,8 +82,44 @@ def check_matches(ck: Checkpoint, ref: Checkpoint) -> None:
         r = want[name]
         if (t.shape, t.dtype) != (r.shape, r.dtype):
             raise StreamavgError(
-                f"{ck.path}: {name}: {_describe(t)} here, {_describe(r)} in {ref.path}"
+                f"{ck.path}: {ck.stored_name(name)}: {_describe(t)} here, "
+                f"{_describe(r)} in {ref.path}"
             )
+
+
+def match_by_position(ck: Checkpoint, ref: Checkpoint) -> None:
+    """Pair a legacy file's tensors with `ref`'s by (layer, weight) position, as Keras
+    loads them, and rename them to `ref`'s names; the fold then reads one name in each.
+
+    Two runs of one architecture may name their layers differently (dense, dense_1 in one,
+    dense_1, dense in the other), so names cannot be matched; as a check that the models
+    agree, the paired weights must have the same leaf name (kernel, bias).
+    """
+    have, want = ck.layers, ref.layers
+    if len(have) != len(want):
+        raise StreamavgError(
+            f"{ck.path}: {len(have)} layers with weights here, {len(want)} in {ref.path}"
+        )
+    names = {}
+    for (layer, mine), (ref_layer, theirs) in zip(have, want, strict=True):
+        if len(mine) != len(theirs):
+            raise StreamavgError(
+                f"{ck.path}: {layer}: {len(mine)} weights here, "
+                f"{len(theirs)} in {ref_layer} of {ref.path}"
+            )
+        for name, ref_name in zip(mine, theirs, strict=True):
+            if _leaf(name) != _leaf(ref_name):
+                raise StreamavgError(
+                    f"{ck.path}: {name}: a {_leaf(name)}, where {ref.path} has a "
+                    f"{_leaf(ref_name)} ({ref_name}) in its place"
+                )
+            names[name] = ref_name
+    ck.rename(names)
+
+
+def _leaf(name: str) -> str:
+    """A weight's own name, without its layers' names or TensorFlow's ':0' suffix."""
+    return re.sub(r":\d+$", "", name.rsplit("/", 1)[-1])
 
 
 def model_tensors(ck: Checkpoint) -> dict[str, Tensor]:
@@ -94,6 +142,61 @@ def piece_layout(max_memory: int | None) -> tuple[int, int]:
     return workers, max(1, min(PIECE_BYTES // 8, max_memory // (workers * BYTES_PER_ELEMENT)))
 
 
+def to_average(
+    checkpoints: Sequence[Checkpoint], *, integers: str = "equal", max_memory: int | None = None
+) -> list[Tensor]:
+    """The newest checkpoint's model tensors to average; the others are copied from it.
+
+    Floating-point tensors are averaged. Integer and boolean ones (counters, quantized
+    kernels) cannot be: they are compared across the checkpoints, a block at a time, and
+    copied if equal everywhere. One that differs is refused, or with `integers="newest"`
+    its whole layer (its HDF5 group, so a quantized kernel's float scale too) is copied
+    from the newest checkpoint: no layer is ever half averaged.
+    """
+    if integers not in INTEGER_POLICIES:
+        raise UsageError(f"{option('integers')} must be one of {', '.join(INTEGER_POLICIES)}")
+    tensors = model_tensors(checkpoints[-1]).values()
+    exact = [t for t in tensors if not t.averaged] if len(checkpoints) > 1 else []
+    differing = _differing(checkpoints, exact, refuse=integers == "equal", max_memory=max_memory)
+    taken = {posixpath.dirname(name) for name in differing}
+    return [t for t in tensors if t.averaged and posixpath.dirname(t.name) not in taken]
+
+
+def _differing(
+    checkpoints: Sequence[Checkpoint],
+    tensors: Sequence[Tensor],
+    *,
+    refuse: bool,
+    max_memory: int | None,
+) -> set[str]:
+    """The names of `tensors` whose values are not the same in all `checkpoints`, compared
+    a block at a time; with `refuse`, the first such tensor is an error instead."""
+    newest, found = checkpoints[-1], set()
+
+    def piece(t: Tensor, index: tuple[slice, ...], buffers: Buffers) -> int:
+        if t.name in found:
+            return 0
+        ours, theirs = _block(buffers[1], t, index), _block(buffers[2], t, index)
+        newest.read(t.name, index, ours)
+        for ck in checkpoints[:-1]:
+            ck.read(t.name, index, theirs)
+            if np.array_equal(ours, theirs):
+                continue
+            if refuse:
+                raise StreamavgError(
+                    f"{ck.path}: {ck.stored_name(t.name)}: {t.dtype} values differ from "
+                    f"{newest.path} (integer weights, such as quantized kernels, cannot be "
+                    f"averaged; pass {option('integers', 'newest')} to take such layers from "
+                    "the newest checkpoint)"
+                )
+            found.add(t.name)
+            break
+        return ours.nbytes * len(checkpoints)
+
+    _each_piece(tensors, piece, max_memory)
+    return found
+
+
 def fold(
     checkpoints: Sequence[Checkpoint],
     weights: np.ndarray,
@@ -105,27 +208,17 @@ def fold(
     progress: bool = False,
 ) -> None:
     """Average `tensors` across `checkpoints` (oldest first) and hand each piece to `write`,
-    which must copy it before returning: the buffer is reused for the next piece.
-
-    Pieces are independent, so a few threads take them in turn (reads and numpy release the
-    GIL), each with its own buffers: memory depends on neither the model's size nor the
-    number of checkpoints. The first failing piece, in order, is the error raised.
+    which must copy it before returning: the buffer is reused for the next piece. Pieces
+    are taken by a few threads at once (see `_each_piece`).
     """
     scale = weights.sum()
-    workers, elements = piece_layout(max_memory)
-    jobs = enumerate((t, index) for t in tensors for index in blocks(t.shape, elements))
-    lock = threading.Lock()  # guards `jobs` and the progress bar
-    stop = threading.Event()  # set on the first error or signal: no new pieces start
-    errors: dict[int, BaseException] = {}  # by piece number
     total = sum(t.nbytes for t in tensors) * len(checkpoints)
     bar = bytes_bar(total, "averaging") if progress else None
 
-    def piece(t: Tensor, index: tuple[slice, ...], buffers: tuple[np.ndarray, ...]) -> int:
-        shape = block_shape(t.shape, index)
-        size = math.prod(shape)
+    def piece(t: Tensor, index: tuple[slice, ...], buffers: Buffers) -> int:
         sums, terms, raw = buffers
-        buf = raw[: size * t.stored.itemsize].view(t.stored).reshape(shape)
-        acc, tmp = sums[:size].reshape(shape), terms[:size].reshape(shape)
+        buf = _block(raw, t, index)
+        acc, tmp = sums[: buf.size].reshape(buf.shape), terms[: buf.size].reshape(buf.shape)
         for i, ck in enumerate(checkpoints):
             ck.read(t.name, index, buf)
             term = acc if i == 0 else tmp
@@ -140,6 +233,42 @@ def fold(
         np.copyto(out, acc, casting="unsafe")
         write(t, index, out)
         return buf.nbytes * len(checkpoints)
+
+    try:
+        _each_piece(tensors, piece, max_memory, bar)
+    finally:
+        if bar is not None:
+            bar.close()
+    for ck in checkpoints:
+        ck.check_unchanged()
+
+
+def _block(buffer: np.ndarray, t: Tensor, index: tuple[slice, ...]) -> np.ndarray:
+    """The start of a worker's `buffer`, as block `index` of `t` in its stored dtype."""
+    shape = block_shape(t.shape, index)
+    size = math.prod(shape) * t.stored.itemsize
+    return buffer.view(np.uint8)[:size].view(t.stored).reshape(shape)
+
+
+def _each_piece(
+    tensors: Sequence[Tensor],
+    piece: Callable[[Tensor, tuple[slice, ...], Buffers], int],
+    max_memory: int | None,
+    bar=None,
+) -> None:
+    """Call `piece(t, index, buffers)` on every block of every tensor; it returns the bytes
+    it read, for the progress `bar`.
+
+    Pieces are independent, so a few threads take them in turn (reads and numpy release the
+    GIL), each with its own buffers: memory depends on neither the model's size nor the
+    number of checkpoints. The first failing piece, in order, is the error raised; a signal
+    stops new pieces, waits for every worker, then is raised.
+    """
+    workers, elements = piece_layout(max_memory)
+    jobs = enumerate((t, index) for t in tensors for index in blocks(t.shape, elements))
+    lock = threading.Lock()  # guards `jobs` and the progress bar
+    stop = threading.Event()  # set on the first error or signal: no new pieces start
+    errors: dict[int, BaseException] = {}  # by piece number
 
     def worker() -> None:
         number = -1
@@ -178,14 +307,10 @@ def fold(
             except BaseException as e:
                 signalled = signalled or e
                 stop.set()
-    if bar is not None:
-        bar.close()
     if signalled is not None:
         raise signalled
     if errors:
         raise errors[min(errors)]
-    for ck in checkpoints:
-        ck.check_unchanged()
 
 
 def _blame_nonfinite(
@@ -195,7 +320,7 @@ def _blame_nonfinite(
         ck.read(t.name, index, buf)
         if not np.isfinite(buf.view(t.dtype)).all():
             raise StreamavgError(
-                f"{ck.path}: {t.name}: contains NaN or Inf "
+                f"{ck.path}: {ck.stored_name(t.name)}: contains NaN or Inf "
                 f"(pass {option('allow_nonfinite', True)} to average anyway)"
             )
     raise StreamavgError(f"{checkpoints[-1].path}: {t.name}: weighted sum overflowed")

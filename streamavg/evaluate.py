@@ -18,6 +18,7 @@ import numpy as np
 
 from .errors import StreamavgError, UsageError, option
 from .formats import Checkpoint
+from .monitor import check_mode
 from .output import h5_like
 
 ARCHITECTURES = ("keras", "legacy-h5")  # the formats that hold a model, not just weights
@@ -38,9 +39,6 @@ def load_data(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
     return x, y
 
 
-MODES = ("auto", "min", "max")
-
-
 def keras_scorer(
     newest: str | os.PathLike,
     data: str | os.PathLike,
@@ -53,8 +51,7 @@ def keras_scorer(
     metric is accuracy if compiled in, else the loss. `mode="auto"` takes the direction
     from Keras, as its monitor callbacks do; "min" and "max" set it.
     """
-    if mode not in MODES:
-        raise UsageError(f"{option('mode')} must be one of {', '.join(MODES)}; got {mode!r}")
+    check_mode(mode)
     keras = import_keras("streamavg sweep")
     with Checkpoint(newest) as ck:
         ck.check_heaps()  # Keras is about to decode its attributes
@@ -115,7 +112,7 @@ def higher_is_better(model, metric: str) -> bool:
             if m.name == name and getattr(m, "_direction", None) in ("up", "down"):
                 return m._direction == "up"
     raise UsageError(
-        f"cannot tell whether {metric} should be maximized or minimized; "
+        f"{option('metric', metric)}: cannot tell whether higher or lower is better; "
         f"pass {option('mode', 'max')} or {option('mode', 'min')}"
     )
 

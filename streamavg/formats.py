@@ -8,7 +8,9 @@ Nothing here builds a model or imports Keras.
 from __future__ import annotations
 
 import errno
+import functools
 import io
+import itertools
 import math
 import os
 import re
@@ -40,6 +42,10 @@ OPTIMIZER_GROUP = {
     "legacy-h5": "optimizer_weights",
 }
 _MODEL_GROUP = {"legacy-h5": "model_weights"}
+#: The formats Keras loads by layer position (legacy_h5_format.load_weights_from_hdf5_group),
+#: whatever the layers' auto-generated names; the others address layers by stable paths.
+BY_POSITION = ("legacy-h5", "legacy-weights")
+TOP_LEVEL = "top_level_model_weights"  # the model's own weights, loaded after its layers'
 #: What h5py raises on damaged metadata, depending on where the damage is met.
 HDF5_ERRORS = (OSError, RuntimeError, KeyError, ValueError)
 HEAP_WINDOW = 1 << 20  # bytes of metadata searched at a time for global heaps
@@ -57,7 +63,8 @@ class Tensor(NamedTuple):
 
     @property
     def averaged(self) -> bool:
-        """Only floating-point model weights are averaged; the rest is copied or dropped."""
+        """Floating-point model weights can be averaged; the rest is compared, copied or
+        dropped (see `engine.to_average`)."""
         return self.part == "model" and self.dtype.kind in "fV"
 
     @property
@@ -249,6 +256,7 @@ class Checkpoint:
         if not zipped:
             self._fd = os.open(self.path, os.O_RDONLY)
         self.tensors: dict[str, Tensor] = {}
+        self._stored: dict[str, str] = {}  # names in this file, where `rename` changed them
         self._datasets: dict[str, h5py.h5d.DatasetID] = {}
         self._offsets: dict[str, int] = {}  # absolute file offsets of contiguous native data
         try:
@@ -312,6 +320,60 @@ class Checkpoint:
                 f"{self.path}: {t.name}: declares {t.nbytes:,} bytes, "
                 f"far more than its {dsid.get_storage_size():,} stored bytes can hold"
             )
+
+    @functools.cached_property
+    def layers(self) -> list[tuple[str, list[str]]]:
+        """The layers with weights, in the order Keras loads them from a legacy file: each
+        layer's group and its tensors, in order. Keras pairs them with the model's layers
+        by position, so auto-generated names (dense, dense_1) need not agree across files.
+
+        The order is that of the `layer_names` attribute of the model group (the root of a
+        weights-only file), skipping layers with no `weight_names`, then the model's own
+        weights; within a layer, that of its `weight_names`. Every model tensor must be so
+        listed (Keras would not load it otherwise), and listed once.
+        """
+        model = _MODEL_GROUP.get(self.format)
+        prefix = f"{model}/" if model else ""
+        self.check_heaps()  # before the attributes are decoded
+        layers: list[tuple[str, list[str]]] = []
+        listed: set[str] = set()
+        try:
+            group = self.h5[model] if model else self.h5
+            names = _names(group, "layer_names") + ([TOP_LEVEL] if TOP_LEVEL in group else [])
+            for layer in names:
+                if not isinstance(group.get(layer), h5py.Group):
+                    raise StreamavgError(
+                        f"{self.path}: {prefix}{layer}: in layer_names, but missing"
+                    )
+                weights = [f"{prefix}{layer}/{w}" for w in _names(group[layer], "weight_names")]
+                for name in weights:
+                    if name not in self.tensors:
+                        raise StreamavgError(f"{self.path}: {name}: in weight_names, but missing")
+                    if name in listed:
+                        raise StreamavgError(f"{self.path}: {name}: listed twice in weight_names")
+                    listed.add(name)
+                if weights:
+                    layers.append((prefix + layer, weights))
+        except HDF5_ERRORS as e:
+            raise StreamavgError(f"{self.path}: corrupt HDF5 ({reason(e)})") from None
+        for name, t in self.tensors.items():
+            if t.part == "model" and name not in listed:
+                raise StreamavgError(f"{self.path}: {name}: in no layer's weight_names")
+        return layers
+
+    def rename(self, names: dict[str, str]) -> None:
+        """Key tensors by new names (`names` maps old to new; the others stay), such as the
+        newest checkpoint's, so that matched tensors are read by one name in every file.
+        Messages still name them as this file does, through `stored_name`."""
+        new = {old: names.get(old, old) for old in self.tensors}
+        self._stored = {new[n]: self.stored_name(n) for n in self.tensors}
+        self.tensors = {new[n]: t._replace(name=new[n]) for n, t in self.tensors.items()}
+        self._datasets = {new[n]: d for n, d in self._datasets.items()}
+        self._offsets = {new[n]: o for n, o in self._offsets.items()}
+
+    def stored_name(self, name: str) -> str:
+        """What tensor `name` is called in this file (not the same after `rename`)."""
+        return self._stored.get(name, name)
 
     def check_heaps(self) -> None:
         """Refuse a global heap that HDF5 would loop on forever when decoding a string
@@ -387,7 +449,9 @@ class Checkpoint:
             if got != out.nbytes:
                 raise OSError("unexpected end of file")
         except (OSError, RuntimeError, TypeError) as e:
-            raise StreamavgError(f"{self.path}: {name}: unreadable ({reason(e)})") from None
+            raise StreamavgError(
+                f"{self.path}: {self.stored_name(name)}: unreadable ({reason(e)})"
+            ) from None
 
     def read_whole(self, name: str) -> np.ndarray:
         """All of tensor `name`, in its logical dtype."""
@@ -431,7 +495,8 @@ class Checkpoint:
 
     def drop_hdf5(self) -> None:
         """Close the HDF5 handle if every model tensor can be read straight from the file."""
-        if all(n in self._offsets for n, t in self.tensors.items() if t.averaged and t.nbytes):
+        model = (n for n, t in self.tensors.items() if t.part == "model" and t.nbytes)
+        if all(n in self._offsets for n in model):
             self.h5.close()
             self._datasets.clear()
 
@@ -450,6 +515,18 @@ class Checkpoint:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _names(group: h5py.Group, key: str) -> list[str]:
+    """A list of names in attribute `key`, or in `key0`, `key1`... where Keras split a long
+    one (legacy_h5_format.load_attributes_from_hdf5_group)."""
+    numbered = (f"{key}{i}" for i in itertools.count())
+    parts = [key] if key in group.attrs else itertools.takewhile(group.attrs.__contains__, numbered)
+    return [
+        n.decode() if isinstance(n, bytes) else str(n)
+        for part in parts
+        for n in np.ravel(group.attrs[part])
+    ]
 
 
 def _supported(stored: np.dtype) -> bool:

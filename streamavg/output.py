@@ -29,6 +29,7 @@ from .formats import (
     reason,
     system_errno,
 )
+from .names import without_metrics
 
 FLUSH_BYTES = 64 << 20  # start writing to disk after this much new data, not all at the end
 OUTPUT_DIR = "averaged"  # default outputs go here, out of reach of a later scan of the inputs
@@ -42,7 +43,6 @@ KERAS_SUFFIXES = {
     "legacy-h5": (".h5", ".hdf5"),
     "legacy-weights": (".h5", ".hdf5"),
 }
-_METRIC = re.compile(r"[-_.]?[-+]?(?:\d+\.\d+(?:e[-+]?\d+)?|\d+e[-+]\d+)", re.IGNORECASE)
 _URL = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")
 
 
@@ -62,7 +62,7 @@ def default_output(newest: Checkpoint, scheme: str, n: int) -> Path:
     """
     name = newest.path.name
     stem = name.removesuffix(SUFFIXES[newest.format]).removesuffix(newest.path.suffix)
-    stem = _METRIC.sub("", stem) or stem
+    stem = without_metrics(stem) or stem
     suffix = SUFFIXES[newest.format] if newest.format != "legacy-h5" else newest.path.suffix
     return newest.path.parent / OUTPUT_DIR / f"{stem}.avg-{scheme}-n{n}{suffix}"
 

@@ -1,52 +1,88 @@
-"""Find checkpoints and put them in chronological order.
+"""Find checkpoints, put them in chronological order, and keep the ones asked for.
 
-Order comes from the epoch or step number in the file name, naturally sorted
-(`model_9` before `model_10`); names without a number fall back to modification time.
+Order comes from the epoch (and batch) numbers in the names as ModelCheckpoint writes
+them (see :mod:`streamavg.names`: metric values such as `0.53` are never epochs), read
+from the path below the checkpoints' common directory (`epoch_12/model.keras`), or from
+a ModelCheckpoint `template`. Names without any number fall back to modification time.
+
+What is left out says so in `Selection.notes`: an earlier streamavg output found in a
+directory, a name without a number beside numbered ones, a name the template does not
+match. What cannot be ordered safely is refused: two files claiming one epoch, names of
+different kinds, an earlier output given together with original checkpoints.
+
+Filters apply in this order: `epochs` (a range), then `best` (the K best by `monitor`,
+kept in chronological order), then `last` (the newest N).
 """
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Iterable, Sequence
+from itertools import pairwise
 from pathlib import Path
 from typing import NamedTuple
 
 from .errors import StreamavgError, UsageError, option
+from .formats import averaged_by_streamavg
+from .monitor import best_k, direction, read_log
+from .names import (
+    CHECKPOINT_SUFFIXES,
+    Name,
+    Template,
+    compile_template,
+    match_template,
+    readings,
+    stem,
+)
+from .output import refuse_url
 
-CHECKPOINT_SUFFIXES = (".keras", ".h5", ".hdf5")
-_NUMBER = re.compile(r"(\d+)")
+MTIME_NOTE = "file names carry no epoch number; ordered by modification time"
+_DIGITS = re.compile(r"(\d+)")
 
 
 class Selection(NamedTuple):
-    """Checkpoints oldest first; `by_mtime` says the names carried no order."""
+    """Checkpoints oldest first, and what the choice rested on.
+
+    `by_mtime` says the names carried no order; `notes` say what was left out or how
+    the order was found; `values` are the monitored metric's, one per path, when the
+    checkpoints were ranked with `best`.
+    """
 
     paths: tuple[Path, ...]
     by_mtime: bool = False
+    notes: tuple[str, ...] = ()
+    values: tuple[float, ...] = ()
 
 
-def stem(name: str) -> str:
-    """The name without its checkpoint suffix, whose "5" in ".h5" is no epoch."""
-    for suffix in (".weights.h5", *CHECKPOINT_SUFFIXES):
-        if name.endswith(suffix):
-            return name.removesuffix(suffix)
-    return name
+class _Entry(NamedTuple):
+    path: Path
+    key: tuple[int, ...]  # the order: the names' integers, or (epoch, batch)
+    epoch: int | None
+    fields: dict[str, float]  # a template's fields
 
 
 def natural_key(name: str) -> list:
     """Sort key treating digit runs as numbers: `model_9` < `model_10`."""
-    return [int(tok) if i % 2 else tok for i, tok in enumerate(_NUMBER.split(stem(name)))]
+    return [int(tok) if i % 2 else tok for i, tok in enumerate(_DIGITS.split(stem(name)))]
 
 
 def epoch_numbers(names: Sequence[str]) -> list[int]:
-    """The epoch of each name: the first number that differs across the names.
+    """The epoch of each name: the first integer that differs across the names.
 
     >>> epoch_numbers(["weights.09-0.31.h5", "weights.10-0.30.h5"])
     [9, 10]
+    >>> epoch_numbers(["model-0.53-09.keras", "model-1.10-10.keras"])
+    [9, 10]
     """
-    numbers = [[int(n) for n in _NUMBER.findall(stem(name))] for name in names]
-    width = min(len(ns) for ns in numbers)
-    column = next((j for j in range(width) if len({ns[j] for ns in numbers}) > 1), width - 1)
+    numbers = [readings(stem(name))[0].numbers for name in names]
+    column = _epoch_column(numbers)
     return [ns[column] for ns in numbers]
+
+
+def _epoch_column(numbers: Sequence[tuple[int, ...]]) -> int:
+    width = min(len(ns) for ns in numbers)
+    return next((j for j in range(width) if len({ns[j] for ns in numbers}) > 1), width - 1)
 
 
 def parse_epochs(spec: str) -> tuple[int | None, int | None]:
@@ -61,62 +97,277 @@ def parse_epochs(spec: str) -> tuple[int | None, int | None]:
     return bounds
 
 
-def _scan(directory: Path, pattern: str | None) -> list[Path]:
+def select_checkpoints(
+    inputs: Iterable[str | os.PathLike],
+    *,
+    pattern: str | None = None,
+    last: int | None = None,
+    epochs: str | None = None,
+    template: str | None = None,
+    best: int | None = None,
+    monitor: str | None = None,
+    mode: str = "auto",
+    log: str | os.PathLike | None = None,
+) -> Selection:
+    """Directories (scanned with `pattern`) and files, ordered oldest first, then filtered.
+
+    `template` is a ModelCheckpoint filepath such as `ckpt.{epoch:02d}-{val_loss:.2f}.keras`;
+    `best` keeps the K checkpoints best by `monitor` (`mode` auto, min or max), whose
+    values come from `log` (a CSVLogger file) or else from the template's fields.
+    """
+    for name, value in (("last", last), ("best", best)):
+        if value is not None and value < 1:
+            raise UsageError(f"{option(name)} must be at least 1, got {value}")
+    bounds = parse_epochs(epochs) if epochs is not None else None
+    form = _template(template, epochs=epochs, log=log)
+    way = _ranking(best, monitor, mode, log, form)
+    notes: list[str] = []
+    found = _originals(_gather(inputs, pattern), notes)
+    if form is not None:
+        entries, by_mtime = _by_template(found, form, notes), False
+    else:
+        entries, by_mtime = _by_name(found, notes)
+    if not by_mtime:
+        _refuse_repeats(entries, form)
+    if bounds is not None:
+        entries = _in_epochs(entries, bounds, epochs)
+    values: tuple[float, ...] = ()
+    if best is not None:
+        scores = _scores(entries, monitor, log, form)
+        kept = best_k(scores, best, way)
+        entries, values = [entries[i] for i in kept], tuple(scores[i] for i in kept)
+    if last:
+        entries, values = entries[-last:], values[-last:]
+    return Selection(tuple(e.path for e in entries), by_mtime, tuple(notes), values)
+
+
+def _template(template: str | None, **needs_epoch: object) -> Template | None:
+    if template is None:
+        return None
+    try:
+        form = compile_template(template)
+    except ValueError as e:
+        raise UsageError(f"{option('template', template)}: {e}") from None
+    for name, value in needs_epoch.items():
+        if value is not None and "epoch" not in form.fields:
+            raise UsageError(f"{option(name)} needs an {{epoch}} field in {option('template')}")
+    return form
+
+
+def _ranking(
+    best: int | None, monitor: str | None, mode: str, log: object, form: Template | None
+) -> str | None:
+    """The direction to rank in ("min" or "max"), or None without `best`."""
+    if best is None:
+        given = {"monitor": monitor, "log": log, "mode": None if mode == "auto" else mode}
+        for name, value in given.items():
+            if value is not None:
+                raise UsageError(f"{option(name)} needs {option('best')}")
+        return None
+    if monitor is None:
+        raise UsageError(f"{option('best')} needs {option('monitor')}")
+    if log is None and (form is None or monitor not in form.fields):
+        raise UsageError(
+            f"{option('monitor', monitor)}: no values to rank by; pass {option('log')} "
+            f"(a CSVLogger file) or a {option('template')} with {{{monitor}}}"
+        )
+    return direction(monitor, mode)
+
+
+def _files(directory: Path, pattern: str | None) -> list[Path]:
     found = sorted(p for p in directory.glob(pattern or "*") if p.is_file())
-    if pattern is None:
-        found = [p for p in found if p.name.endswith(CHECKPOINT_SUFFIXES)]
+    return found if pattern else [p for p in found if p.name.endswith(CHECKPOINT_SUFFIXES)]
+
+
+def _scan(directory: Path, pattern: str | None) -> list[Path]:
+    """A directory's checkpoints; without any, those one level down (checkpoints saved as
+    directories, `epoch_3/model.weights.h5`), unless a `pattern` says where to look."""
+    found = _files(directory, pattern)
+    if not found and pattern is None:
+        found = [
+            p for sub in sorted(directory.iterdir()) if sub.is_dir() for p in _files(sub, None)
+        ]
     if not found:
         what = f"matches {pattern!r}" if pattern else "(*.keras, *.h5 or *.hdf5)"
         raise StreamavgError(f"{directory}: no checkpoint {what}")
     return found
 
 
-def select_checkpoints(
-    inputs: Iterable[str | Path],
-    *,
-    pattern: str | None = None,
-    last: int | None = None,
-    epochs: str | None = None,
-) -> Selection:
-    """Directories (scanned with `pattern`) and files, ordered oldest first, then filtered."""
-    if last is not None and last < 1:
-        raise UsageError(f"{option('last')} must be at least 1, got {last}")
-    bounds = parse_epochs(epochs) if epochs is not None else None
-    paths: dict[Path, Path] = {}
-    for item in map(Path, inputs):
+def _gather(inputs: Iterable[str | os.PathLike], pattern: str | None) -> dict[Path, bool]:
+    """Each path once (however many ways it was reached), and whether it was named.
+
+    Hard links are separate checkpoints that happen to hold the same bytes (a backup tool
+    links identical files): two at one epoch are refused later, like any two copies.
+    """
+    found: dict[Path, tuple[Path, bool]] = {}
+    for given in inputs:
+        refuse_url(given)  # before Path() folds its "//"
+        item = Path(given)
         if item.is_dir():
-            found = _scan(item, pattern)
-        elif item.exists():
-            found = [item]
+            paths, named = _scan(item, pattern), False
+        elif item.is_file():
+            paths, named = [item], True
+        elif item.exists():  # a FIFO or device would block the first read: refuse it now
+            raise StreamavgError(f"{item}: not a regular file (a device, FIFO or socket)")
         else:
             raise StreamavgError(f"{item}: no such file or directory")
-        paths.update((p.resolve(), p) for p in found)
-    if not paths:
+        for p in paths:
+            first, was_named = found.get(p.resolve(), (p, False))
+            found[p.resolve()] = (first, was_named or named)
+    if not found:
         raise UsageError("no checkpoints given")
-    chosen = list(paths.values())
-    by_mtime = not all(_NUMBER.search(stem(p.name)) for p in chosen)
-    if by_mtime:
-        chosen.sort(key=lambda p: (p.stat().st_mtime_ns, natural_key(p.name)))
-    else:
-        chosen.sort(key=lambda p: (natural_key(p.name), str(p)))
-    if bounds is not None:
-        chosen = _in_epochs(chosen, bounds, epochs)
-    return Selection(tuple(chosen[-last:] if last else chosen), by_mtime)
+    return dict(found.values())
 
 
-def _in_epochs(chosen: list[Path], bounds: tuple[int | None, int | None], spec: str) -> list[Path]:
-    if not all(_NUMBER.search(stem(p.name)) for p in chosen):
+def _originals(found: dict[Path, bool], notes: list[str]) -> list[Path]:
+    """Leave out earlier streamavg outputs found in directories; refuse one named among
+    original checkpoints (as a shell glob such as `ckpts/*` names it). Outputs named
+    without originals are averaged: that is an average of averages."""
+    outputs = {p for p in found if averaged_by_streamavg(p)}
+    originals = [p for p in found if p not in outputs]
+    named = [p for p in found if p in outputs and found[p]]
+    scanned = [p for p in found if p in outputs and not found[p]]
+    if named and originals:
+        raise UsageError(
+            f"{named[0]}: is an earlier streamavg output, given with original checkpoints; "
+            "leave it out (or give only outputs, to average averages)"
+        )
+    if scanned and not (originals or named):
+        raise StreamavgError(
+            f"only earlier streamavg outputs found ({_listed(scanned)}); "
+            "name them as files to average them"
+        )
+    if scanned:
+        notes.append(f"left out {_listed(scanned)}: an earlier streamavg output")
+    return originals or named
+
+
+def _by_name(paths: list[Path], notes: list[str]) -> tuple[list[_Entry], bool]:
+    """Entries ordered by the integers in their names; by mtime if no name has any."""
+    names = _names(paths)
+    numbered = [p for p in paths if names[p].numbers]
+    if not numbered:
+        paths = sorted(paths, key=lambda p: (p.stat().st_mtime_ns, natural_key(p.name)))
+        if len(paths) > 1:
+            notes.append(MTIME_NOTE)
+        return [_Entry(p, (), None, {}) for p in paths], len(paths) > 1
+    if len(numbered) < len(paths):
+        unnumbered = [p for p in paths if not names[p].numbers]
+        notes.append(
+            f"left out {_listed(unnumbered)}: no epoch number in the name, "
+            "unlike the other checkpoints"
+        )
+    kinds: dict[str, Path] = {}
+    for p in sorted(numbered, key=str):
+        kinds.setdefault(names[p].shape, p)
+    if len(kinds) > 1:
+        examples = _listed(list(kinds.values())[:2], " and ")
+        raise StreamavgError(
+            f"checkpoint names of different kinds, such as {examples}; "
+            f"choose one kind with {option('pattern')} or {option('template')}"
+        )
+    numbered.sort(key=lambda p: (names[p].numbers, str(p)))
+    column = _epoch_column([names[p].numbers for p in numbered])
+    return [_Entry(p, names[p].numbers, names[p].numbers[column], {}) for p in numbered], False
+
+
+def _names(paths: list[Path]) -> dict[Path, Name]:
+    """The numbers of each path below the paths' common directory: those of its
+    directories that carry numbers (`epoch_12/`), and of its name.
+
+    A name that reads two ways (`weights.10.0.49`) takes the reading shaped like the
+    names that read one way (`weights.03.0.53`, epoch 3); with none, it is refused.
+    """
+    root = Path(os.path.commonpath([os.path.dirname(os.path.abspath(p)) for p in paths]))
+    options = {}
+    for p in paths:
+        *dirs, name = Path(os.path.abspath(p)).relative_to(root).parts
+        numbered = [d for d in dirs if any(r.numbers for r in readings(d))]
+        options[p] = readings("/".join([*numbered, stem(name)]))
+    clear = {rs[0].shape for rs in options.values() if len(rs) == 1 and rs[0].numbers}
+    names = {}
+    for p, rs in options.items():
+        fits = [r for r in rs if r.shape in clear] if len(rs) > 1 else rs
+        if len(fits) != 1:
+            raise StreamavgError(
+                f"{p}: cannot tell which of the numbers in its name is the epoch; "
+                f"pass {option('template')} (the ModelCheckpoint filepath)"
+            )
+        names[p] = fits[0]
+    return names
+
+
+def _by_template(paths: list[Path], form: Template, notes: list[str]) -> list[_Entry]:
+    """Entries ordered by the template's (epoch, batch); names it does not match left out."""
+    fields = {p: match_template(form, Path(os.path.abspath(p))) for p in paths}
+    misses = [p for p in paths if fields[p] is None]
+    if len(misses) == len(paths):
+        raise StreamavgError(
+            f"no checkpoint is named like {option('template', form.text)} (such as {paths[0]})"
+        )
+    if misses:
+        notes.append(f"left out {_listed(misses)}: not named like {option('template', form.text)}")
+    entries = [
+        _Entry(p, (f.get("epoch", 0), f.get("batch", 0)), f.get("epoch"), f)
+        for p, f in fields.items()
+        if f is not None
+    ]
+    return sorted(entries, key=lambda e: (e.key, str(e.path)))
+
+
+def _refuse_repeats(entries: list[_Entry], form: Template | None) -> None:
+    """Two files at one point of training cannot both be right: refuse, naming both."""
+    for a, b in pairwise(entries):
+        if a.key == b.key:
+            batch = f", batch {b.fields['batch']}" if form and "batch" in form.fields else ""
+            raise StreamavgError(
+                f"{a.path} and {b.path} are both epoch {b.epoch}{batch}; keep one of them"
+            )
+
+
+def _in_epochs(
+    entries: list[_Entry], bounds: tuple[int | None, int | None], spec: str
+) -> list[_Entry]:
+    if any(e.epoch is None for e in entries):
         raise UsageError(f"{option('epochs')} needs an epoch number in every file name")
     lo, hi = bounds
-    numbers = epoch_numbers([p.name for p in chosen])
-    kept = [
-        p
-        for p, e in zip(chosen, numbers, strict=True)
-        if (lo is None or e >= lo) and (hi is None or e <= hi)
-    ]
+    kept = [e for e in entries if (lo is None or e.epoch >= lo) and (hi is None or e.epoch <= hi)]
     if not kept:
+        numbers = [e.epoch for e in entries]
         raise StreamavgError(
-            f"{chosen[0].parent}: no checkpoint in epochs {spec} "
+            f"{entries[0].path.parent}: no checkpoint in epochs {spec} "
             f"(found {min(numbers)}..{max(numbers)})"
         )
     return kept
+
+
+def _scores(
+    entries: list[_Entry], monitor: str, log: str | os.PathLike | None, form: Template | None
+) -> list[float]:
+    """`monitor`'s value for each entry: from the CSVLogger `log`, or the template's field."""
+    if log is None:
+        return [e.fields[monitor] for e in entries]
+    if any(e.epoch is None for e in entries):
+        raise UsageError(f"{option('log')} needs an epoch number in every file name")
+    if form is not None and "batch" in form.fields:
+        raise UsageError(
+            f"{log} has one row per epoch, but the checkpoints were saved within epochs "
+            f"({{batch}} in {option('template')}); rank them by a field of the template"
+        )
+    for a, b in pairwise(entries):
+        if a.epoch == b.epoch:
+            raise StreamavgError(
+                f"{log} has one row per epoch, but {a.path} and {b.path} are both epoch {a.epoch}"
+            )
+    logged = read_log(log, monitor)
+    for e in entries:
+        if logged.get(e.epoch) is None:
+            raise StreamavgError(
+                f"{log}: no {monitor} for {e.path} (epoch {e.epoch}, which CSVLogger "
+                f"writes as epoch {e.epoch - 1})"
+            )
+    return [logged[e.epoch] for e in entries]
+
+
+def _listed(paths: Iterable[Path], sep: str = ", ") -> str:
+    return sep.join(map(str, paths))

@@ -20,8 +20,8 @@ from typing import NamedTuple
 
 import numpy as np
 
-from .engine import model_tensors, open_all
-from .formats import Checkpoint
+from .engine import model_tensors, open_all, to_average
+from .formats import Checkpoint, Tensor
 from .schemes import scheme_weights
 from .select import select_checkpoints
 
@@ -84,22 +84,24 @@ def sweep(
     evaluate: Evaluate,
     alpha: float = 2.0,
     maximize: bool = True,
+    integers: str = "equal",
     **select: str | int | None,
 ) -> Sweep:
     """Score the average of the last n checkpoints for every n, reading each file once.
 
-    `evaluate` gets the averaged model tensors by their names in the file, in their stored
-    dtypes (as `average_tensors` returns them), and returns a score; `maximize` says
-    whether higher is better. `select` takes `pattern`, `last` and `epochs`.
+    `evaluate` gets the averaged model tensors by their names in the newest file, in their
+    stored dtypes (as `average_tensors` returns them), and returns a score; `maximize` says
+    whether higher is better. `integers` is as for `run`, over all the files. `select`
+    takes the keyword arguments of `select_checkpoints`.
     """
     last = LastN(scheme, alpha)
     files = select_checkpoints(paths, **select).paths
     scores = {}
     with ExitStack() as stack:
         checkpoints = open_all(files, stack)
-        newest = checkpoints[-1]
+        newest, averaged = checkpoints[-1], to_average(checkpoints, integers=integers)
         for n, ck in enumerate(reversed(checkpoints), 1):
-            scores[n] = evaluate(_stored(newest, last.add(_read(ck))))
+            scores[n] = evaluate(_stored(newest, last.add(_read(ck, averaged))))
     best = (max if maximize else min)(scores, key=lambda n: (scores[n], -n))
     return Sweep(files, scores, best)
 
@@ -109,25 +111,26 @@ def greedy_soup(
     *,
     evaluate: Evaluate,
     maximize: bool = True,
+    integers: str = "equal",
     **select: str | int | None,
 ) -> Soup:
     """Wortsman et al.'s greedy soup over the selected checkpoints, in constant memory.
 
     Each file is scored alone (one pass), then read again in order of score: it joins the
     soup if the equal average with it scores no worse. The soup never scores worse than
-    the best single checkpoint.
+    the best single checkpoint. `integers` is as for `run`, over all the files.
     """
     sign = 1 if maximize else -1
     files = select_checkpoints(paths, **select).paths
     with ExitStack() as stack:
         checkpoints = open_all(files, stack)
-        newest = checkpoints[-1]
-        singles = {ck.path: evaluate(_stored(newest, _read(ck))) for ck in checkpoints}
+        newest, averaged = checkpoints[-1], to_average(checkpoints, integers=integers)
+        singles = {ck.path: evaluate(_stored(newest, _read(ck, averaged))) for ck in checkpoints}
         ranked = sorted(checkpoints, key=lambda ck: -sign * singles[ck.path])
-        total = _read(ranked[0])
+        total = _read(ranked[0], averaged)
         kept, score = [ranked[0].path], singles[ranked[0].path]
         for ck in ranked[1:]:
-            y = _read(ck)
+            y = _read(ck, averaged)
             summed = {k: s + y[k] for k, s in total.items()}
             average = {k: s / (len(kept) + 1) for k, s in summed.items()}
             candidate = evaluate(_stored(newest, average))
@@ -137,11 +140,9 @@ def greedy_soup(
     return Soup(singles, tuple(kept), score)
 
 
-def _read(ck: Checkpoint) -> Tensors:
-    """The checkpoint's averaged model tensors, whole, in float64."""
-    return {
-        n: ck.read_whole(n).astype(np.float64) for n, t in model_tensors(ck).items() if t.averaged
-    }
+def _read(ck: Checkpoint, averaged: list[Tensor]) -> Tensors:
+    """The checkpoint's `averaged` tensors, whole, in float64."""
+    return {t.name: ck.read_whole(t.name).astype(np.float64) for t in averaged}
 
 
 def _stored(newest: Checkpoint, average: Tensors) -> Tensors:

@@ -1,11 +1,12 @@
 """Write real training checkpoints in every format streamavg reads.
 
-Usage: `python make_checkpoints.py DIR keras3|keras2`.
+Usage: `python make_checkpoints.py DIR keras3|keras2|renamed|quantized`.
 
 Each case is a directory of EPOCHS checkpoints from one short training run, saved the
 way users save them (ModelCheckpoint, model.save, save_weights), by Keras 3 and by
 tf_keras (Keras 2). The tests call this once per session, in a subprocess, so that
-Keras 3 and tf_keras each get a fresh process-wide dtype policy.
+Keras 3 and tf_keras each get a fresh process-wide dtype policy. `renamed` and
+`quantized` write the cases of RENAMED and QUANTIZED, for tests/test_matching.py only.
 """
 
 from __future__ import annotations
@@ -35,6 +36,18 @@ KERAS2 = {
     "k2-h5-bf16": ("bfloat16", "model_{epoch:02d}.h5", False),
     "k2-h5-f16": ("float16", "model_{epoch:02d}.h5", False),
 }
+# Legacy .h5 runs resumed in new processes that named the layers differently: case ->
+# (Keras, weights only). Epochs 1-2 name the layers dense, dense_1, dense_2; epoch 3
+# (a second model in the process) dense_3, dense_4, dense_5; epochs 4-5 build the same
+# layers in another order, so that dense_1 comes first: the names of epochs 1-2, crossed.
+RENAMED = {
+    "k3-h5-renamed": ("keras", False),
+    "k2-h5-renamed": ("tf_keras", False),
+    "k2-weights-renamed": ("tf_keras", True),
+}
+RENAMED_RUNS = {1: "in order", 3: "shifted", 4: "crossed"}  # first epoch -> how it names
+# A float model trained for EPOCHS, quantized by model.quantize(mode) after each: case -> mode.
+QUANTIZED = {"k3-int8": "int8", "k3-int4": "int4"}
 
 
 def data(seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -107,9 +120,68 @@ def keras2(root: Path) -> None:
     keras.mixed_precision.set_global_policy("float32")
 
 
+def renamed_model(keras, order: str):
+    """Two Dense layers of one shape, then the head, assembled `order`ly (see RENAMED)."""
+    if order != "shifted":
+        keras.backend.clear_session()  # the names start again from dense
+    first, second = keras.layers.Dense(FEATURES), keras.layers.Dense(FEATURES)
+    if order == "crossed":
+        first, second = second, first
+    head = keras.layers.Dense(CLASSES, activation="softmax")
+    model = keras.Sequential([keras.Input((FEATURES,)), first, second, head])
+    model.compile(keras.optimizers.SGD(0.05, momentum=0.9), "categorical_crossentropy")
+    return model
+
+
+def renamed(root: Path) -> None:
+    import importlib
+
+    x, y = data()
+    for case, (module, weights_only) in RENAMED.items():
+        keras = importlib.import_module(module)
+        keras.utils.set_random_seed(1)
+        (root / case).mkdir(parents=True)
+        weights, starts = None, sorted(RENAMED_RUNS)
+        for start, stop in zip(starts, [*starts[1:], EPOCHS + 1], strict=True):
+            model = renamed_model(keras, RENAMED_RUNS[start])
+            if weights is not None:
+                model.set_weights(weights)  # resumed, by position as Keras does
+            for epoch in range(start, stop):
+                model.fit(x, y, epochs=1, batch_size=16, verbose=0)
+                path = str(root / case / f"model_{epoch}.h5")
+                model.save_weights(path) if weights_only else model.save(path)
+            weights = model.get_weights()
+
+
+def quantized(root: Path) -> None:
+    import keras
+
+    x, y = data()
+    keras.utils.set_random_seed(1)
+    model = keras.Sequential(
+        [
+            keras.Input((FEATURES,)),
+            keras.layers.Dense(16, activation="relu"),
+            keras.layers.BatchNormalization(),
+            keras.layers.Dense(CLASSES, activation="softmax"),
+        ]
+    )
+    model.compile(keras.optimizers.SGD(0.05, momentum=0.9), "categorical_crossentropy")
+    for case in QUANTIZED:
+        (root / case).mkdir(parents=True)
+    for epoch in range(1, EPOCHS + 1):
+        model.fit(x, y, epochs=1, batch_size=16, verbose=0)
+        for case, mode in QUANTIZED.items():
+            copy = keras.models.clone_model(model)
+            copy.set_weights(model.get_weights())
+            copy.quantize(mode)
+            copy.save(root / case / f"model_{epoch}.keras")
+
+
 if __name__ == "__main__":
     import warnings
 
     warnings.filterwarnings("ignore")
     root = Path(sys.argv[1])
-    {"keras3": keras3, "keras2": keras2}[sys.argv[2]](root)
+    modes = {"keras3": keras3, "keras2": keras2, "renamed": renamed, "quantized": quantized}
+    modes[sys.argv[2]](root)

@@ -379,3 +379,19 @@ def test_input_that_changes_during_the_run_is_refused(slow, tmp_path):
         f"streamavg: error: {newest}: changed while being averaged (still being written?)\n",
     )
     assert not out.parent.exists()
+
+
+def test_a_signal_met_inside_h5py_is_reported_as_the_signal(capsys):
+    """h5py's Cython wrappers turn an exception raised by the signal handler into a
+    SystemError "returned a result with an exception set" (seen under load, while copying
+    the template's attributes); the run still stops with its one line and exit code."""
+    from streamavg.cli import _report, _stop
+
+    try:
+        try:
+            _stop(signal.SIGTERM, None)
+        except BaseException as stopped:
+            raise SystemError("returned a result with an exception set") from stopped
+    except SystemError as wrapped:
+        assert _report(wrapped) == 128 + signal.SIGTERM
+    assert capsys.readouterr().err == "streamavg: stopped by SIGTERM; temporary files removed\n"

@@ -54,12 +54,12 @@ def test_natural_order(tmp_path):
 
 
 def test_directory_scan_keeps_checkpoint_suffixes_only(tmp_path):
-    touch(tmp_path, "d_4.weights.h5", "c_3.hdf5", "b_2.h5", "a_1.keras")
-    touch(tmp_path, "notes.txt", "checkpoint.json", "model_5.keras.bak")
+    touch(tmp_path, "m_4.weights.h5", "m_3.hdf5", "m_2.h5", "m_1.keras")
+    touch(tmp_path, "notes.txt", "checkpoint.json", "m_5.keras.bak")
     (tmp_path / "sub").mkdir()
-    touch(tmp_path / "sub", "e_5.keras")  # not recursive
-    (tmp_path / "f_6.keras").mkdir()  # a directory, not a checkpoint
-    assert names([tmp_path]) == ["a_1.keras", "b_2.h5", "c_3.hdf5", "d_4.weights.h5"]
+    touch(tmp_path / "sub", "m_5.keras")  # not recursive while there are checkpoints here
+    (tmp_path / "m_6.keras").mkdir()  # a directory, not a checkpoint
+    assert names([tmp_path]) == ["m_1.keras", "m_2.h5", "m_3.hdf5", "m_4.weights.h5"]
 
 
 def test_pattern(tmp_path):
@@ -132,7 +132,7 @@ def test_parse_epochs(spec, bounds):
 
 @pytest.mark.parametrize("spec", ["490", "a:b", "499:490", "1:2:3", ""])
 def test_bad_epochs(epochs_dir, spec):
-    message = f"--epochs wants FIRST:LAST, such as 490:499; got {spec!r}"
+    message = f"epochs wants FIRST:LAST, such as 490:499; got {spec!r}"
     error(UsageError, message, [epochs_dir], epochs=spec)
 
 
@@ -143,7 +143,7 @@ def test_epochs_matching_nothing(epochs_dir):
 
 def test_epochs_need_numbers(tmp_path):
     touch(tmp_path, "best.keras", "last.keras")
-    error(UsageError, "--epochs needs an epoch number in every file name", [tmp_path], epochs="1:2")
+    error(UsageError, "epochs needs an epoch number in every file name", [tmp_path], epochs="1:2")
 
 
 # -- modification-time fallback -----------------------------------------------------------
@@ -174,7 +174,7 @@ def test_numbered_names_ignore_mtime(tmp_path):
 @pytest.mark.parametrize("last", [0, -1])
 def test_last_must_be_positive(tmp_path, last):
     touch(tmp_path, "model_1.keras")
-    error(UsageError, f"--last must be at least 1, got {last}", [tmp_path], last=last)
+    error(UsageError, f"last must be at least 1, got {last}", [tmp_path], last=last)
 
 
 def test_missing_path(tmp_path):
@@ -196,3 +196,403 @@ def test_pattern_matching_nothing(tmp_path):
 
 def test_no_inputs():
     error(UsageError, "no checkpoints given", [])
+
+
+# -- names as ModelCheckpoint writes them: metric values are never epochs ------------------
+
+
+def selection(inputs, **kwargs):
+    return select_checkpoints(inputs, **kwargs)
+
+
+METRIC_FIRST = ["model-0.61-08", "model-0.55-09", "model-0.58-10", "model-0.47-11", "model-1.02-12"]
+
+
+def test_metric_before_the_epoch(tmp_path):
+    """`model-{val_loss:.2f}-{epoch:02d}.keras`: ordered by epoch, not by the loss's digits."""
+    touch(tmp_path, *(f"{n}.keras" for n in reversed(METRIC_FIRST)))
+    assert names([tmp_path]) == [f"{n}.keras" for n in METRIC_FIRST]
+    assert names([tmp_path], last=2) == ["model-0.47-11.keras", "model-1.02-12.keras"]
+    assert names([tmp_path], epochs="9:10") == ["model-0.55-09.keras", "model-0.58-10.keras"]
+
+
+def test_every_way_python_writes_a_float(tmp_path):
+    """`model_{val_loss:.4f}_ep{epoch}`, and unformatted values: exponents, signs, nan, inf."""
+    written = ["model_0.5312_ep1", "model_1.2e-05_ep2", "model_-0.3100_ep3", "model_inf_ep4"]
+    written += ["model_nan_ep10", "model_1e+20_ep11"]
+    touch(tmp_path, *(f"{n}.weights.h5" for n in written))
+    assert names([tmp_path]) == [f"{n}.weights.h5" for n in written]
+    assert names([tmp_path], epochs="4:10") == [
+        "model_inf_ep4.weights.h5",
+        "model_nan_ep10.weights.h5",
+    ]
+
+
+def test_dots_between_epoch_and_metric(tmp_path):
+    """`weights.{epoch:02d}.{val_loss:.2f}`: 03.0.53 is epoch 3 (Python writes no 03.0), so
+    10.0.49, which reads both ways, is epoch 10 like them."""
+    touch(tmp_path, "weights.10.0.49.h5", "weights.03.0.53.h5", "weights.04.1.51.h5")
+    assert names([tmp_path]) == ["weights.03.0.53.h5", "weights.04.1.51.h5", "weights.10.0.49.h5"]
+
+
+def test_digits_that_read_either_way_are_refused(tmp_path):
+    """`model.3.0.53`: epoch 3 and 0.53, or 3.0 and epoch 53; a template tells."""
+    (path, *_) = touch(tmp_path, "model.3.0.53.keras", "model.4.0.51.keras")
+    message = (
+        f"{path}: cannot tell which of the numbers in its name is the epoch; "
+        "pass template (the ModelCheckpoint filepath)"
+    )
+    error(StreamavgError, message, [tmp_path])
+    got = names([tmp_path], template="model.{epoch}.{val_loss:.2f}.keras")
+    assert got == ["model.3.0.53.keras", "model.4.0.51.keras"]
+
+
+def test_epoch_numbers_skip_metrics():
+    assert epoch_numbers(["model-0.61-08.keras", "model-0.55-09.keras"]) == [8, 9]
+    assert epoch_numbers(["ckpt_1.2e-05_3.h5", "ckpt_nan_4.h5"]) == [3, 4]
+
+
+def test_save_best_only_file_beside_epochs_is_left_out(tmp_path):
+    scores, best = touch(tmp_path, "best-0.53.keras", "best.keras")
+    touch(tmp_path, "model_1.keras", "model_2.keras")
+    sel = selection([tmp_path])
+    assert [p.name for p in sel.paths] == ["model_1.keras", "model_2.keras"]
+    assert sel.notes == (
+        f"left out {scores}, {best}: no epoch number in the name, unlike the other checkpoints",
+    )
+    assert sel.by_mtime is False
+
+
+def test_same_epoch_twice_is_refused(tmp_path):
+    four, padded = touch(tmp_path, "model_4.keras", "model_04.keras")
+    touch(tmp_path, "model_3.keras")
+    error(StreamavgError, f"{padded} and {four} are both epoch 4; keep one of them", [tmp_path])
+
+
+def test_copy_elsewhere_claiming_the_same_epoch_is_refused(tmp_path):
+    (run := tmp_path / "run").mkdir()
+    (backup := tmp_path / "backup").mkdir()
+    (original, _) = touch(run, "model_4.keras", "model_5.keras")
+    (copy,) = touch(backup, "model_4.keras")
+    message = f"{copy} and {original} are both epoch 4; keep one of them"
+    error(StreamavgError, message, [run, copy])
+
+
+def test_one_file_reached_twice_counts_once(tmp_path):
+    (original,) = touch(tmp_path, "model_1.keras")
+    roundabout = tmp_path / ".." / tmp_path.name / "model_1.keras"
+    assert names([tmp_path, original, roundabout]) == ["model_1.keras"]
+
+
+def test_hard_links_are_checkpoints_of_their_own(tmp_path):
+    """A backup tool links identical files: two epochs that happen to hold the same bytes."""
+    (original,) = touch(tmp_path, "model_1.keras")
+    os.link(original, tmp_path / "model_2.keras")
+    assert names([tmp_path]) == ["model_1.keras", "model_2.keras"]
+    os.link(original, tmp_path / "model_01.keras")
+    message = f"{tmp_path}/model_01.keras and {original} are both epoch 1; keep one of them"
+    error(StreamavgError, message, [tmp_path])
+
+
+def test_urls_fifos_and_devices_are_refused_at_once(tmp_path):
+    error(
+        UsageError,
+        "s3://bucket/ckpts: URLs (remote storage) are not supported yet; use a local path",
+        ["s3://bucket/ckpts"],
+    )
+    os.mkfifo(tmp_path / "model_1.keras")  # opening it for reading would wait for a writer
+    error(
+        StreamavgError,
+        f"{tmp_path}/model_1.keras: not a regular file (a device, FIFO or socket)",
+        [tmp_path / "model_1.keras"],
+    )
+    error(StreamavgError, "/dev/null: not a regular file (a device, FIFO or socket)", ["/dev/null"])
+
+
+def test_names_of_different_kinds_are_refused(tmp_path):
+    ckpt, model, _ = touch(tmp_path, "ckpt-3.keras", "model_1.keras", "model_2.keras")
+    message = (
+        f"checkpoint names of different kinds, such as {ckpt} and {model}; "
+        "choose one kind with pattern or template"
+    )
+    error(StreamavgError, message, [tmp_path])
+    assert names([tmp_path], pattern="model_*") == ["model_1.keras", "model_2.keras"]
+
+
+@pytest.fixture
+def epoch_dirs(tmp_path: Path) -> Path:
+    """Checkpoints saved as directories named by epoch, `epoch_{epoch}/model.weights.h5`."""
+    for epoch in (10, 9, 11):
+        (tmp_path / f"epoch_{epoch}").mkdir()
+        touch(tmp_path / f"epoch_{epoch}", "model.weights.h5", "config.json")
+    return tmp_path
+
+
+def test_directories_named_by_epoch(epoch_dirs):
+    want = [epoch_dirs / f"epoch_{e}" / "model.weights.h5" for e in (9, 10, 11)]
+    as_files = sorted(epoch_dirs.glob("*/model.weights.h5"))  # ckpts/*/model.weights.h5
+    as_dirs = sorted(epoch_dirs.glob("epoch_*"))  # ckpts/epoch_*
+    for inputs in (as_files, as_dirs, [epoch_dirs]):
+        sel = selection(inputs)
+        assert sel.paths == tuple(want)
+        assert (sel.by_mtime, sel.notes) == (False, ())
+    assert selection([epoch_dirs], epochs="10:").paths == tuple(want[1:])
+
+
+# -- templates ----------------------------------------------------------------------------
+
+
+def test_template_orders_and_leaves_out_other_names(tmp_path):
+    touch(tmp_path, "ckpt.10-0.30.keras", "ckpt.02-0.51.keras", "ckpt.09-0.33.keras")
+    best, other = touch(tmp_path, "best.keras", "ckpt.09.keras")
+    sel = selection([tmp_path], template="ckpt.{epoch:02d}-{val_loss:.2f}.keras")
+    assert [p.name for p in sel.paths] == [
+        "ckpt.02-0.51.keras",
+        "ckpt.09-0.33.keras",
+        "ckpt.10-0.30.keras",
+    ]
+    template = "template='ckpt.{epoch:02d}-{val_loss:.2f}.keras'"
+    assert sel.notes == (f"left out {best}, {other}: not named like {template}",)
+
+
+def test_template_with_directories_and_batches(tmp_path):
+    for epoch, batch in [(2, 4), (1, 8), (2, 8), (1, 4)]:
+        (tmp_path / f"e{epoch}").mkdir(exist_ok=True)
+        touch(tmp_path / f"e{epoch}", f"b{batch}.keras")
+    got = [
+        str(p.relative_to(tmp_path))
+        for p in selection([*tmp_path.glob("*/*")], template="e{epoch}/b{batch}.keras").paths
+    ]
+    assert got == ["e1/b4.keras", "e1/b8.keras", "e2/b4.keras", "e2/b8.keras"]
+
+
+@pytest.mark.parametrize(
+    ("template", "why"),
+    [
+        (
+            "best-{val_loss:.2f}.keras",
+            "needs an {epoch} or {batch} field to order the checkpoints by",
+        ),
+        ("model_{0}.keras", "{0} is not a plain field (such as {epoch:02d})"),
+        ("model_{epoch!r}.keras", "{epoch} is not a plain field (such as {epoch:02d})"),
+        ("model_{epoch.keras", "expected '}' before end of string"),
+    ],
+)
+def test_bad_templates(tmp_path, template, why):
+    touch(tmp_path, "model_1.keras")
+    error(UsageError, f"template={template!r}: {why}", [tmp_path], template=template)
+
+
+def test_template_matching_nothing(tmp_path):
+    (first, _) = touch(tmp_path, "a_1.keras", "a_2.keras")
+    message = f"no checkpoint is named like template='b_{{epoch}}.keras' (such as {first})"
+    error(StreamavgError, message, [tmp_path], template="b_{epoch}.keras")
+
+
+def test_epochs_need_an_epoch_field(tmp_path):
+    touch(tmp_path, "model_1.keras")
+    message = "epochs needs an {epoch} field in template"
+    error(UsageError, message, [tmp_path], template="model_{batch}.keras", epochs="1:2")
+
+
+# -- the best K by a monitored metric -----------------------------------------------------
+
+
+@pytest.fixture
+def scored(tmp_path: Path) -> Path:
+    losses = {1: "0.90", 2: "0.40", 3: "nan", 4: "0.35", 5: "0.60", 6: "0.38"}
+    touch(tmp_path, *(f"ckpt-{e:02d}-{loss}.keras" for e, loss in losses.items()))
+    return tmp_path
+
+
+TEMPLATE = "ckpt-{epoch:02d}-{val_loss:.2f}.keras"
+
+
+def test_best_by_template_field(scored):
+    sel = selection([scored], template=TEMPLATE, best=3, monitor="val_loss")
+    assert [p.name for p in sel.paths] == [
+        "ckpt-02-0.40.keras",
+        "ckpt-04-0.35.keras",
+        "ckpt-06-0.38.keras",
+    ]
+    assert sel.values == (0.40, 0.35, 0.38)
+    worst = selection([scored], template=TEMPLATE, best=2, monitor="val_loss", mode="max")
+    assert worst.values == (0.90, 0.60)  # nan ranks last either way
+
+
+def test_epochs_then_best_then_last(scored):
+    sel = selection([scored], template=TEMPLATE, epochs="2:5", best=3, monitor="val_loss", last=2)
+    assert [p.name for p in sel.paths] == ["ckpt-04-0.35.keras", "ckpt-05-0.60.keras"]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "exc_type", "message"),
+    [
+        ({"best": 2}, UsageError, "best needs monitor"),
+        ({"best": 0, "monitor": "val_loss"}, UsageError, "best must be at least 1, got 0"),
+        ({"monitor": "val_loss"}, UsageError, "monitor needs best"),
+        ({"log": "log.csv"}, UsageError, "log needs best"),
+        ({"mode": "max"}, UsageError, "mode needs best"),
+        (
+            {"best": 2, "monitor": "val_auc"},
+            UsageError,
+            "monitor='val_auc': no values to rank by; pass log (a CSVLogger file) "
+            "or a template with {val_auc}",
+        ),
+        (
+            {"best": 2, "monitor": "val_loss", "template": TEMPLATE, "mode": "up"},
+            UsageError,
+            "mode must be auto, min or max, got 'up'",
+        ),
+        (
+            {
+                "best": 2,
+                "monitor": "val_score",
+                "template": "ckpt-{epoch:02d}-{val_score:.2f}.keras",
+            },
+            UsageError,
+            "monitor='val_score': cannot tell whether higher or lower is better; "
+            "pass mode='max' or mode='min'",
+        ),
+    ],
+)
+def test_bad_ranking(scored, kwargs, exc_type, message):
+    error(exc_type, message, [scored], **kwargs)
+
+
+# -- CSVLogger files ----------------------------------------------------------------------
+
+
+def csv_log(path: Path, *rows: str, header: str = "epoch,loss,val_loss") -> Path:
+    path.write_text("\n".join([header, *rows]) + "\n")
+    return path
+
+
+def test_log_rows_are_epochs_counted_from_zero(tmp_path):
+    touch(tmp_path, "model_1.keras", "model_2.keras", "model_3.keras")
+    log = csv_log(tmp_path / "log.csv", "0,1.0,0.9", "1,0.8,0.5", "2,0.7,0.6")
+    sel = selection([tmp_path], best=2, monitor="val_loss", log=log)
+    assert [p.name for p in sel.paths] == ["model_2.keras", "model_3.keras"]
+    assert sel.values == (0.5, 0.6)
+
+
+def test_log_appended_after_a_resumed_run_takes_the_last_row(tmp_path):
+    touch(tmp_path, "model_1.keras", "model_2.keras", "model_3.keras")
+    rows = ["0,1.0,0.9", "1,0.8,0.1", "1,0.8,0.95", "2,0.7,0.6"]  # epoch 2 run again
+    log = csv_log(tmp_path / "log.csv", *rows)
+    sel = selection([tmp_path], best=1, monitor="val_loss", log=log)
+    assert (sel.paths, sel.values) == ((tmp_path / "model_3.keras",), (0.6,))
+
+
+def test_log_with_another_separator_and_nan(tmp_path):
+    touch(tmp_path, "model_1.keras", "model_2.keras")
+    log = csv_log(
+        tmp_path / "log.csv", "0;0.5;nan", "1;0.6;0.7", header="epoch;accuracy;val_accuracy"
+    )
+    sel = selection([tmp_path], best=1, monitor="val_accuracy", log=log)
+    assert sel.values == (0.7,)
+
+
+def test_log_missing_a_row(tmp_path):
+    (_, second) = touch(tmp_path, "model_1.keras", "model_2.keras")
+    log = csv_log(tmp_path / "log.csv", "0,1.0,0.9", "1,0.8,NA")
+    message = f"{log}: no val_loss for {second} (epoch 2, which CSVLogger writes as epoch 1)"
+    error(StreamavgError, message, [tmp_path], best=1, monitor="val_loss", log=log)
+
+
+@pytest.mark.parametrize(
+    ("text", "exc_type", "message"),
+    [
+        (
+            "loss,val_loss\n1,2\n",
+            StreamavgError,
+            "{log}: not a CSVLogger file (no 'epoch' column first)",
+        ),
+        (
+            "epoch,loss\n0,1\n",
+            UsageError,
+            "monitor='val_loss': not logged in {log} (columns: loss)",
+        ),
+        (
+            "epoch,val_loss\nepoch,val_loss\n",
+            StreamavgError,
+            "{log}: line 2 is not a CSVLogger row",
+        ),
+    ],
+)
+def test_bad_logs(tmp_path, text, exc_type, message):
+    touch(tmp_path, "model_1.keras")
+    (log := tmp_path / "log.csv").write_text(text)
+    error(exc_type, message.format(log=log), [tmp_path], best=1, monitor="val_loss", log=log)
+
+
+def test_log_cannot_rank_batch_checkpoints(tmp_path):
+    a, b = touch(tmp_path, "model_2_4.keras", "model_2_8.keras")
+    touch(tmp_path, "model_1_8.keras")
+    log = csv_log(tmp_path / "log.csv", "0,1.0,0.9", "1,0.8,0.5")
+    message = f"{log} has one row per epoch, but {a} and {b} are both epoch 2"
+    error(StreamavgError, message, [tmp_path], best=1, monitor="val_loss", log=log)
+    message = (
+        f"{log} has one row per epoch, but the checkpoints were saved within epochs "
+        "({batch} in template); rank them by a field of the template"
+    )
+    kwargs = {
+        "best": 1,
+        "monitor": "val_loss",
+        "log": log,
+        "template": "model_{epoch}_{batch}.keras",
+    }
+    error(UsageError, message, [tmp_path], **kwargs)
+
+
+def test_log_needs_epoch_numbers(tmp_path):
+    touch(tmp_path, "first.keras", "second.keras")
+    log = csv_log(tmp_path / "log.csv", "0,1.0,0.9")
+    message = "log needs an epoch number in every file name"
+    error(UsageError, message, [tmp_path], best=1, monitor="val_loss", log=log)
+
+
+# -- earlier streamavg outputs ------------------------------------------------------------
+
+
+def averaged(path: Path) -> Path:
+    """A file that carries streamavg's provenance, as its outputs do."""
+    import h5py
+
+    with h5py.File(path, "w") as f:
+        f.attrs["streamavg"] = "{}"
+    return path
+
+
+def test_earlier_output_found_in_a_directory_is_left_out(tmp_path):
+    touch(tmp_path, "model_1.weights.h5", "model_2.weights.h5")
+    output = averaged(tmp_path / "model_2.avg-equal-n2.weights.h5")
+    sel = selection([tmp_path])
+    assert [p.name for p in sel.paths] == ["model_1.weights.h5", "model_2.weights.h5"]
+    assert sel.notes == (f"left out {output}: an earlier streamavg output",)
+
+
+def test_earlier_output_named_among_checkpoints_is_refused(tmp_path):
+    """As a shell glob such as `ckpts/*` names it: refused, not guessed at."""
+    ckpts = touch(tmp_path, "model_1.weights.h5", "model_2.weights.h5")
+    output = averaged(tmp_path / "model_9.weights.h5")
+    message = (
+        f"{output}: is an earlier streamavg output, given with original checkpoints; "
+        "leave it out (or give only outputs, to average averages)"
+    )
+    error(UsageError, message, sorted(tmp_path.iterdir()))
+    error(UsageError, message, [tmp_path, output])
+    assert names(ckpts) == ["model_1.weights.h5", "model_2.weights.h5"]
+
+
+def test_outputs_named_alone_are_averaged(tmp_path):
+    a = averaged(tmp_path / "run_1.weights.h5")
+    b = averaged(tmp_path / "run_2.weights.h5")
+    sel = selection([b, a])
+    assert (sel.paths, sel.notes) == ((a, b), ())
+
+
+def test_directory_of_outputs_only(tmp_path):
+    a = averaged(tmp_path / "run_1.weights.h5")
+    message = f"only earlier streamavg outputs found ({a}); name them as files to average them"
+    error(StreamavgError, message, [tmp_path])

@@ -243,7 +243,7 @@ def test_directions_are_the_ones_keras_callbacks_take(compiled_run):
     with pytest.raises(UsageError) as e:
         higher_is_better(model, "val_spread")
     assert str(e.value) == (
-        "cannot tell whether val_spread should be maximized or minimized; "
+        "metric='val_spread': cannot tell whether higher or lower is better; "
         "pass mode='max' or mode='min'"
     )
 
