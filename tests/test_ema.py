@@ -309,6 +309,32 @@ def test_a_state_file_for_other_variables_is_refused(tmp_path):
             ema.load_state(state)
 
 
+def test_a_state_file_from_before_0_2_is_refused(tmp_path):
+    """0.1 stored each shadow under its variable's path, which a new process may name
+    differently: such a file is refused, not matched by name."""
+    import json
+
+    import h5py
+
+    model = make_model()
+    ema = EMA(decay=0.9)
+    ema.set_model(model)
+    state = tmp_path / "ema.state.h5"
+    ema.save_state(state)
+    with h5py.File(state, "a") as f:  # rewrite it as 0.1 did
+        saved = json.loads(f.attrs["streamavg_state"])
+        f.attrs["streamavg_state"] = json.dumps({**saved, "streamavg": "0.1.0"})
+        for i, v in enumerate(model.trainable_variables):
+            f[v.path] = f[f"shadow/{i}"][()]
+        del f["shadow"]
+    message = (
+        f"{state}: written by streamavg 0.1.0, whose state files this version does not read; "
+        "remove it to start afresh"
+    )
+    with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
+        ema.load_state(state)
+
+
 def test_a_state_file_from_another_point_of_training_is_refused(tmp_path):
     state = tmp_path / "ema.state.h5"
     first = EMA(decay=0.9, state_path=state, delete_state=False)

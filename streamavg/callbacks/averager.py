@@ -238,7 +238,12 @@ class Averager(keras.callbacks.Callback):
                     f"is at step {step}; restore the matching weights first (for example with "
                     "keras.callbacks.BackupAndRestore) or remove the file to start afresh"
                 )
-            group = f.get(SHADOW_GROUP, {})
+            group = f.get(SHADOW_GROUP)
+            if group is None:  # before 0.2, shadows were stored by variable path
+                raise ValueError(
+                    f"{path}: written by streamavg {state['streamavg']}, whose state files "
+                    "this version does not read; remove it to start afresh"
+                )
             if len(group) != len(self._shadow):
                 raise ValueError(
                     f"{path}: holds {len(group)} averaged variables, but this model has "
