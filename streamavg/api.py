@@ -23,6 +23,7 @@ from ._version import __version__
 from .engine import MIN_MEMORY, fold, model_tensors, open_all, to_average
 from .errors import UsageError, option
 from .formats import SUFFIXES, Checkpoint
+from .names import common_dir
 from .output import atomic_output, check_output, destination, h5_like
 from .schemes import scheme_weights
 from .select import select_checkpoints
@@ -117,7 +118,7 @@ def run(
     with ExitStack() as stack:
         checkpoints = open_all(p.files, stack)
         newest = checkpoints[-1]
-        dest = destination(output, newest, p.scheme, len(p.files))
+        dest = destination(output, newest, p.scheme, p.files)
         check_output(dest, p.files, overwrite)
         averaged = to_average(checkpoints, integers=integers, max_memory=max_memory)
         provenance = {
@@ -158,7 +159,7 @@ def run(
 
 def _relative(files: Sequence[Path]) -> list[str]:
     """The files below their common directory: names, or `epoch_3/model.keras` and such."""
-    root = os.path.commonpath([os.path.dirname(os.path.abspath(f)) for f in files])
+    root = common_dir(files)
     return [os.path.relpath(os.path.abspath(f), root) for f in files]
 
 

@@ -218,7 +218,7 @@ def _average(argv: Sequence[str]) -> int:
         print(_table(p))
     if args.dry_run:
         with Checkpoint(p.files[-1]) as newest:
-            dest = destination(args.output, newest, p.scheme, len(p.files))
+            dest = destination(args.output, newest, p.scheme, p.files)
         check_output(dest, p.files, args.overwrite)
         print(f"dry run: would average {_count(len(p.files), 'file')} ({p.scheme}) into {dest}")
         return 0
@@ -325,7 +325,7 @@ def _sweep(argv: Sequence[str]) -> int:
     integers = args.integers
     if args.output:  # refuse a bad output now, not after scoring every average
         with Checkpoint(files[-1]) as newest:
-            check_output(destination(args.output, newest, "sweep", 1), files, args.overwrite)
+            check_output(destination(args.output, newest, "sweep", files), files, args.overwrite)
 
     from .evaluate import keras_scorer
     from .sweeps import greedy_soup, sweep

@@ -9,9 +9,10 @@ a metric value, never an epoch, wherever they stand in the name.
 
 from __future__ import annotations
 
+import os
 import re
 import string
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import NamedTuple
 
@@ -119,6 +120,15 @@ def _partitions(runs: list[str]) -> Iterator[list[tuple[str, ...]]]:
     if len(runs) > 1 and (runs[0] == "0" or not runs[0].startswith("0")):
         for rest in _partitions(runs[2:]):
             yield [(runs[0], runs[1]), *rest]
+
+
+def common_dir(paths: Iterable[str | os.PathLike]) -> Path:
+    """The deepest directory holding all `paths` (absolute).
+
+    >>> common_dir(["run/epoch_1/model.keras", "run/epoch_2/model.keras"]).name
+    'run'
+    """
+    return Path(os.path.commonpath([os.path.dirname(os.path.abspath(p)) for p in paths]))
 
 
 class Template(NamedTuple):

@@ -10,7 +10,7 @@ import shutil
 import tempfile
 import threading
 import zlib
-from collections.abc import Callable, Collection, Iterator
+from collections.abc import Callable, Collection, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager, suppress
 from pathlib import Path
@@ -29,7 +29,7 @@ from .formats import (
     reason,
     system_errno,
 )
-from .names import without_metrics
+from .names import common_dir, without_metrics
 
 FLUSH_BYTES = 64 << 20  # start writing to disk after this much new data, not all at the end
 OUTPUT_DIR = "averaged"  # default outputs go here, out of reach of a later scan of the inputs
@@ -54,31 +54,41 @@ def refuse_url(path: str | os.PathLike) -> None:
         )
 
 
-def default_output(newest: Checkpoint, scheme: str, n: int) -> Path:
+def default_output(newest: Checkpoint, scheme: str, files: Sequence[Path]) -> Path:
     """`<dir>/averaged/<newest>.avg-<scheme>-n<n><suffix>`, keeping the suffix Keras expects.
 
-    A metric value in the newest's name (`model-0.53-05.keras`) is left out: it describes
-    the newest checkpoint, not the average.
+    `<dir>` holds all the `files`, so checkpoints saved in folders by epoch
+    (`ckpts/epoch_5/model.keras`) give `ckpts/averaged/epoch_5_model.avg-...`, never a file
+    inside a checkpoint. A metric value in the newest's name (`model-0.53-05.keras`) is
+    left out: it describes the newest checkpoint, not the average.
     """
-    name = newest.path.name
+    root = common_dir(files)
+    below = Path(os.path.abspath(newest.path)).relative_to(root)
+    name = "_".join(below.parts)
     stem = name.removesuffix(SUFFIXES[newest.format]).removesuffix(newest.path.suffix)
     stem = without_metrics(stem) or stem
     suffix = SUFFIXES[newest.format] if newest.format != "legacy-h5" else newest.path.suffix
-    return newest.path.parent / OUTPUT_DIR / f"{stem}.avg-{scheme}-n{n}{suffix}"
+    if len(below.parts) == 1:
+        parent = newest.path.parent
+    else:  # as the inputs were given: relative paths stay relative
+        parent = root if newest.path.is_absolute() else Path(os.path.relpath(root))
+    return parent / OUTPUT_DIR / f"{stem}.avg-{scheme}-n{len(files)}{suffix}"
 
 
-def destination(output: str | os.PathLike | None, newest: Checkpoint, scheme: str, n: int) -> Path:
-    """Where an average of `n` checkpoints like `newest` goes: `output`, the default name
+def destination(
+    output: str | os.PathLike | None, newest: Checkpoint, scheme: str, files: Sequence[Path]
+) -> Path:
+    """Where an average of `files` (the newest last) goes: `output`, the default name
     inside `output` if that is a directory (or ends in "/"), or the default output.
 
     Refuses a URL, and a name Keras would not read as the inputs' format.
     """
     if output is None:
-        return default_output(newest, scheme, n)
+        return default_output(newest, scheme, files)
     refuse_url(output)
     dest = Path(output)
     if os.fspath(output).endswith(os.sep) or (dest.is_dir() and not dest.is_symlink()):
-        return dest / default_output(newest, scheme, n).name
+        return dest / default_output(newest, scheme, files).name
     suffixes = KERAS_SUFFIXES[newest.format]
     legacy_as_weights = newest.format.startswith("legacy") and dest.name.endswith(".weights.h5")
     if not dest.name.endswith(suffixes) or legacy_as_weights:

@@ -30,6 +30,7 @@ from .names import (
     CHECKPOINT_SUFFIXES,
     Name,
     Template,
+    common_dir,
     compile_template,
     match_template,
     readings,
@@ -278,7 +279,7 @@ def _names(paths: list[Path]) -> dict[Path, Name]:
     A name that reads two ways (`weights.10.0.49`) takes the reading shaped like the
     names that read one way (`weights.03.0.53`, epoch 3); with none, it is refused.
     """
-    root = Path(os.path.commonpath([os.path.dirname(os.path.abspath(p)) for p in paths]))
+    root = common_dir(paths)
     options = {}
     for p in paths:
         *dirs, name = Path(os.path.abspath(p)).relative_to(root).parts

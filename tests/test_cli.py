@@ -602,3 +602,22 @@ def test_progress_bar_on_a_terminal_only(checkpoints, tmp_path):
     assert re.search(r"\| \d+\.\d KiB/\d+\.\d KiB \[.*, \d+\.\d [KMGT]iB/s\]", shown), shown
     assert "kB" not in shown and "MB" not in shown
     assert stderr_on_a_terminal("-q") == ""
+
+
+def test_checkpoints_in_epoch_folders_get_their_default_output_beside_the_folders(
+    checkpoints, tmp_path, capsys, monkeypatch
+):
+    """`ckpts/epoch_5/model.keras`: the average goes to `ckpts/averaged/`, named for the
+    newest's folder, not into the newest checkpoint's folder; a later scan leaves it out."""
+    for i, path in enumerate(files(checkpoints / "k3-keras"), 1):
+        (tmp_path / "ckpts" / f"epoch_{i}").mkdir(parents=True)
+        shutil.copy(path, tmp_path / "ckpts" / f"epoch_{i}" / "model.keras")
+    monkeypatch.chdir(tmp_path)
+    code, stdout, _ = run(capsys, "ckpts", "-q")
+    out = Path("ckpts/averaged/epoch_5_model.avg-equal-n5.keras")
+    assert (code, stdout.split(" in ")[0]) == (0, f"averaged 5 files (equal) into {out}")
+    with Checkpoint(out) as ck:
+        sources = json.loads(ck.h5.attrs["streamavg"])["files"]
+    assert sources == [f"epoch_{i}/model.keras" for i in range(1, 6)]
+    code, _, err = run(capsys, "ckpts", "-q", "--dry-run", "--overwrite")
+    assert (code, err) == (0, f"streamavg: note: left out {out}: an earlier streamavg output\n")

@@ -128,7 +128,7 @@ def test_dry_run_prints_and_touches_nothing(fit, capsys):
     assert code == 0
     files = select_checkpoints([first], last=3).paths
     with Checkpoint(files[-1]) as newest:
-        dest = destination(None, newest, "linear", 3)
+        dest = destination(None, newest, "linear", files)
     weights = streamavg.scheme_weights("linear", 3)
     assert out.splitlines() == [
         f"{'#':>3}  {'weight':>8}  file",
