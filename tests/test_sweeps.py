@@ -296,3 +296,18 @@ def test_without_keras_sweep_and_callbacks_name_the_extra(checkpoints, tmp_path)
     assert out.stderr.splitlines()[-1] == (
         "ImportError: streamavg.callbacks needs Keras 3: pip install 'streamavg[tensorflow]'"
     )
+
+
+def test_sweep_refuses_an_output_keras_would_not_load_before_scoring(
+    compiled_run, tmp_path, capsys
+):
+    dest = tmp_path / "best.h5"  # .keras checkpoints: an .h5 name would not load
+    code = main(["sweep", str(compiled_run / "ckpt"), "--data", str(compiled_run / "data.npz"),
+                 "-o", str(dest)])  # fmt: skip
+    out, err = capsys.readouterr()
+    assert (code, out) == (2, "")  # refused before any average was scored
+    assert err == (
+        f"streamavg: error: {dest}: the inputs are keras files, so Keras reads the output only "
+        "under a name ending in .keras\n"
+    )
+    assert not dest.exists()
