@@ -20,7 +20,7 @@ import numpy as np
 
 from . import keras_zip
 from ._version import __version__
-from .engine import MIN_MEMORY, fold, model_tensors, open_all, to_average
+from .engine import MIN_MEMORY, fold, model_tensors, open_all, taken_whole, to_average
 from .errors import UsageError, option
 from .formats import SUFFIXES, Checkpoint
 from .names import common_dir
@@ -46,11 +46,13 @@ class Plan(NamedTuple):
 
 
 class Result(NamedTuple):
-    """What was written (None when averaged in memory or loaded into a model), from what."""
+    """What was written (None when averaged in memory or loaded into a model), from what;
+    `notes` say what was not averaged (layers taken whole from the newest checkpoint)."""
 
     output: Path | None
     files: tuple[Path, ...]
     weights: tuple[float, ...]
+    notes: tuple[str, ...] = ()
 
 
 def plan(
@@ -121,6 +123,9 @@ def run(
         dest = destination(output, newest, p.scheme, p.files)
         check_output(dest, p.files, overwrite)
         averaged = to_average(checkpoints, integers=integers, max_memory=max_memory)
+        whole = taken_whole(newest, averaged)
+        why = f"integers differ, so taken whole from {newest.path}"
+        notes = (f"{', '.join(whole)}: {why}",) if whole else ()
         provenance = {
             "streamavg": __version__,
             "scheme": p.scheme,
@@ -154,7 +159,7 @@ def run(
             )
         if zipped:
             keras_zip.finish(newest.path, tmp, checksums)
-    return Result(dest, p.files, p.weights)
+    return Result(dest, p.files, p.weights, notes)
 
 
 def _relative(files: Sequence[Path]) -> list[str]:

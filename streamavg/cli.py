@@ -14,13 +14,14 @@ import time
 from collections.abc import Sequence
 
 from ._version import __version__
-from .api import OPTIMIZER_POLICIES, Plan, plan, run
+from .api import OPTIMIZER_POLICIES, Plan, Result, plan, run
 from .engine import INTEGER_POLICIES
 from .errors import StreamavgError, UsageError, command_line
 from .formats import PROVENANCE_ATTR, Checkpoint
 from .monitor import MODES
 from .output import check_output, destination
 from .schemes import SCHEMES
+from .select import count
 
 USAGE = """\
 streamavg [options] PATH...              average checkpoints into one
@@ -159,7 +160,7 @@ def _selection(args: argparse.Namespace, **given: str) -> dict:
     return {name: getattr(args, name) for name in names} | given
 
 
-def _print_notes(p: Plan) -> None:
+def _print_notes(p: Plan | Result) -> None:
     for note in p.notes:
         print(f"streamavg: note: {note}", file=sys.stderr)
 
@@ -220,7 +221,7 @@ def _average(argv: Sequence[str]) -> int:
         with Checkpoint(p.files[-1]) as newest:
             dest = destination(args.output, newest, p.scheme, p.files)
         check_output(dest, p.files, args.overwrite)
-        print(f"dry run: would average {_count(len(p.files), 'file')} ({p.scheme}) into {dest}")
+        print(f"dry run: would average {count(len(p.files), 'file')} ({p.scheme}) into {dest}")
         return 0
     result = run(
         p,
@@ -232,17 +233,13 @@ def _average(argv: Sequence[str]) -> int:
         max_memory=args.max_memory,
         progress=not args.quiet,
     )
+    _print_notes(result)
     peak_mb = _peak_rss_kib() / 1024
     print(
-        f"averaged {_count(len(p.files), 'file')} ({p.scheme}) into {result.output} "
+        f"averaged {count(len(p.files), 'file')} ({p.scheme}) into {result.output} "
         f"in {time.perf_counter() - started:.2f} s, peak memory {peak_mb:.0f} MB"
     )
     return 0
-
-
-def _count(n: int, noun: str) -> str:
-    """`1 file`, `2 files`."""
-    return f"{n} {noun}{'' if n == 1 else 's'}"
 
 
 def _peak_rss_kib() -> int:
@@ -261,7 +258,7 @@ def inspect(path: str) -> str:
         attrs = ck.h5.attrs
         total = sum(t.nbytes for t in ck.tensors.values())
         lines = [
-            f"{ck.path}: {ck.format}, {_count(len(ck.tensors), 'tensor')}, {total:,} bytes "
+            f"{ck.path}: {ck.format}, {count(len(ck.tensors), 'tensor')}, {total:,} bytes "
             f"(a {ck.size:,}-byte HDF5 file)"
         ]
         if "keras_version" in attrs:
@@ -281,7 +278,7 @@ def inspect(path: str) -> str:
             ts = [t for t in ck.tensors.values() if t.part == part]
             if ts:
                 lines.append(
-                    f"{part}: {_count(len(ts), 'tensor')}, {sum(t.nbytes for t in ts):,} bytes"
+                    f"{part}: {count(len(ts), 'tensor')}, {sum(t.nbytes for t in ts):,} bytes"
                 )
     return "\n".join(lines)
 

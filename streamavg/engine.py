@@ -162,6 +162,14 @@ def to_average(
     return [t for t in tensors if t.averaged and posixpath.dirname(t.name) not in taken]
 
 
+def taken_whole(newest: Checkpoint, averaged: Sequence[Tensor]) -> list[str]:
+    """The layers (HDF5 groups) that `to_average` left to be copied whole from `newest`
+    although they hold float weights: those whose integers differ."""
+    names = {t.name for t in averaged}
+    floats = [t for t in model_tensors(newest).values() if t.averaged]
+    return sorted({posixpath.dirname(t.name) for t in floats if t.name not in names})
+
+
 def _differing(
     checkpoints: Sequence[Checkpoint],
     tensors: Sequence[Tensor],

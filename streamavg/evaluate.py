@@ -9,15 +9,18 @@ higher is better comes from Keras too (or from `mode`).
 from __future__ import annotations
 
 import os
+import re
+import sys
 import tempfile
 import zipfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 
 from .errors import StreamavgError, UsageError, option
-from .formats import Checkpoint
+from .formats import Checkpoint, require_regular_file
 from .monitor import check_mode
 from .output import h5_like
 
@@ -26,6 +29,7 @@ ARCHITECTURES = ("keras", "legacy-h5")  # the formats that hold a model, not jus
 
 def load_data(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
     """The `x` and `y` arrays of an `.npz` file, checked; never unpickles anything."""
+    require_regular_file(path)
     try:
         with np.load(path, allow_pickle=False) as npz:
             missing = [k for k in ("x", "y") if k not in npz.files]
@@ -118,10 +122,15 @@ def higher_is_better(model, metric: str) -> bool:
 
 
 def import_keras(feature: str):
-    """Keras, or one line saying which extra `feature` needs."""
+    """Keras, or one line saying which extra `feature` needs.
+
+    TensorFlow's C++ start-up lines (written before any log level applies) are kept off
+    stderr while it loads, so that stderr holds streamavg's own lines only.
+    """
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     try:
-        import keras
+        with _quiet_stderr():
+            import keras
     except ImportError:
         raise StreamavgError(
             f"{feature} needs Keras: pip install 'streamavg[tensorflow]'"
@@ -129,6 +138,26 @@ def import_keras(feature: str):
     return keras
 
 
+@contextmanager
+def _quiet_stderr() -> Iterator[None]:
+    """Point file descriptor 2 at /dev/null for the block (C++ code writes to it directly)."""
+    sys.stderr.flush()
+    saved, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
+
+
 def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else "no message"
+    """The line of a Keras error that says what went wrong: Keras wraps the cause between
+    "Exception encountered when calling ..." and a list of the call's arguments."""
+    lines = [re.sub(r"\x1b\[[0-9;]*m", "", line).strip() for line in str(e).splitlines()]
+    lines = [line for line in lines if line]
+    if lines and lines[0].startswith("Exception encountered"):
+        cause = lines[1:2]
+        lines = cause if cause and not cause[0].startswith("Arguments received") else lines
+    return lines[0] if lines else "no message"

@@ -14,6 +14,7 @@ import itertools
 import math
 import os
 import re
+import stat
 import struct
 import zipfile
 from pathlib import Path
@@ -186,12 +187,27 @@ def averaged_by_streamavg(path: str | os.PathLike) -> bool:
             member.close()
 
 
+def require_regular_file(path: str | os.PathLike) -> None:
+    """Refuse what is not a regular file before opening it: a FIFO or a device would
+    block the read or never end, and a directory is not one checkpoint."""
+    path = Path(path)
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        raise StreamavgError(f"{path}: no such file") from None
+    except OSError as e:
+        raise StreamavgError(f"{path}: cannot read ({e.strerror})") from None
+    if stat.S_ISDIR(st.st_mode):
+        raise StreamavgError(f"{path}: is a directory, not a file")
+    if not stat.S_ISREG(st.st_mode):
+        raise StreamavgError(f"{path}: not a regular file (a device, FIFO or socket)")
+
+
 def _sniff(path: Path) -> bytes:
+    require_regular_file(path)
     try:
         with open(path, "rb") as f:
             return f.read(8)
-    except FileNotFoundError:
-        raise StreamavgError(f"{path}: no such file") from None
     except OSError as e:
         raise StreamavgError(f"{path}: cannot read ({e.strerror})") from None
 

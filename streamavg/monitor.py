@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from .errors import StreamavgError, UsageError, option
+from .formats import require_regular_file
 
 MODES = ("auto", "min", "max")
 # Keras 3's metrics with `_direction = "up"`, by compile() string and default name.
@@ -92,6 +93,7 @@ def read_log(path: str | os.PathLike, monitor: str) -> dict[int, float | None]:
     saved over. A value Keras wrote as `NA` (no validation that epoch) is None.
     """
     path = Path(path)
+    require_regular_file(path)
     try:
         with open(path, newline="") as f:
             header = f.readline()

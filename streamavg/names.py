@@ -4,7 +4,9 @@
 (with `batch=` too when it saves every few batches). Epochs and batches are integers;
 logged metrics are floats, which Python always writes with a fraction or an exponent
 (`0.53`, `1.2e-05`, `-0.31`, `nan`, `inf`). So digits that can be read as a float are
-a metric value, never an epoch, wherever they stand in the name.
+a metric value, never an epoch, wherever they stand in the name; so are digits with a
+percent sign (`{val_accuracy:.0%}` writes `81%`). A metric formatted as a whole number
+(`{val_loss:.0f}`) cannot be told from an epoch: such names need a template.
 """
 
 from __future__ import annotations
@@ -19,7 +21,9 @@ from typing import NamedTuple
 CHECKPOINT_SUFFIXES = (".keras", ".h5", ".hdf5")
 ORDER_FIELDS = ("epoch", "batch")  # the integers ModelCheckpoint formats; the rest are logs
 # Digits joined by dots, with an exponent, or a word nan/inf: numbers as Python writes them.
-_NUMBER = re.compile(r"(?<![a-z])(?:nan|inf)(?![a-z])|\d+(?:\.\d+)*(?:e[-+]\d+)?", re.IGNORECASE)
+_NUMBER = re.compile(
+    r"(?<![a-z])(?:nan|inf)(?![a-z])%?|\d+(?:\.\d+)*(?:e[-+]\d+)?%?", re.IGNORECASE
+)
 _MAX_RUNS = 8  # more dot-separated runs than this make no epoch, only a version string
 _INT = r"\d+"
 _FLOAT = r"[-+]?(?:\d+(?:\.\d*)?(?:[eE][-+]?\d+)?|nan|inf|NAN|INF)%?"
@@ -96,7 +100,7 @@ def _read(number: str) -> list[tuple[str, list[int]]]:
     """The readings of one number with the fewest integers: `03.0.53` -> [(`#.~`, [3])]."""
     mantissa, exponent, _ = number.lower().partition("e")
     runs = mantissa.split(".")
-    if mantissa in ("nan", "inf") or len(runs) > _MAX_RUNS:
+    if number.endswith("%") or mantissa in ("nan", "inf") or len(runs) > _MAX_RUNS:
         return [("~", [])]
     found = {}
     for units in _partitions(runs):

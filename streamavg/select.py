@@ -24,8 +24,8 @@ from pathlib import Path
 from typing import NamedTuple
 
 from .errors import StreamavgError, UsageError, option
-from .formats import averaged_by_streamavg
-from .monitor import best_k, direction, read_log
+from .formats import averaged_by_streamavg, require_regular_file
+from .monitor import best_k, check_mode, direction, read_log
 from .names import (
     CHECKPOINT_SUFFIXES,
     Name,
@@ -36,7 +36,7 @@ from .names import (
     readings,
     stem,
 )
-from .output import refuse_url
+from .output import OUTPUT_DIR, refuse_url
 
 MTIME_NOTE = "file names carry no epoch number; ordered by modification time"
 _DIGITS = re.compile(r"(\d+)")
@@ -121,9 +121,9 @@ def select_checkpoints(
             raise UsageError(f"{option(name)} must be at least 1, got {value}")
     bounds = parse_epochs(epochs) if epochs is not None else None
     form = _template(template, epochs=epochs, log=log)
-    way = _ranking(best, monitor, mode, log, form)
+    _check_ranking(best, monitor, mode, log, form)
     notes: list[str] = []
-    found = _originals(_gather(inputs, pattern), notes)
+    found = _originals(_gather(inputs, pattern, notes), notes)
     if form is not None:
         entries, by_mtime = _by_template(found, form, notes), False
     else:
@@ -134,11 +134,13 @@ def select_checkpoints(
         entries = _in_epochs(entries, bounds, epochs)
     values: tuple[float, ...] = ()
     if best is not None:
-        scores = _scores(entries, monitor, log, form)
-        kept = best_k(scores, best, way)
+        scores = _scores(entries, monitor, log, form)  # checks that the log has `monitor`
+        kept = best_k(scores, best, direction(monitor, mode))
         entries, values = [entries[i] for i in kept], tuple(scores[i] for i in kept)
     if last:
         entries, values = entries[-last:], values[-last:]
+    if len(entries) == 1:
+        notes.append(f"only one checkpoint, {entries[0].path}: the average is a copy of it")
     return Selection(tuple(e.path for e in entries), by_mtime, tuple(notes), values)
 
 
@@ -155,10 +157,11 @@ def _template(template: str | None, **needs_epoch: object) -> Template | None:
     return form
 
 
-def _ranking(
+def _check_ranking(
     best: int | None, monitor: str | None, mode: str, log: object, form: Template | None
-) -> str | None:
-    """The direction to rank in ("min" or "max"), or None without `best`."""
+) -> None:
+    """Refuse ranking options that do not go together, before any file is read."""
+    check_mode(mode)
     if best is None:
         given = {"monitor": monitor, "log": log, "mode": None if mode == "auto" else mode}
         for name, value in given.items():
@@ -172,7 +175,6 @@ def _ranking(
             f"{option('monitor', monitor)}: no values to rank by; pass {option('log')} "
             f"(a CSVLogger file) or a {option('template')} with {{{monitor}}}"
         )
-    return direction(monitor, mode)
 
 
 def _files(directory: Path, pattern: str | None) -> list[Path]:
@@ -180,21 +182,36 @@ def _files(directory: Path, pattern: str | None) -> list[Path]:
     return found if pattern else [p for p in found if p.name.endswith(CHECKPOINT_SUFFIXES)]
 
 
-def _scan(directory: Path, pattern: str | None) -> list[Path]:
+def _scan(directory: Path, pattern: str | None, notes: list[str]) -> list[Path]:
     """A directory's checkpoints; without any, those one level down (checkpoints saved as
-    directories, `epoch_3/model.weights.h5`), unless a `pattern` says where to look."""
+    directories, `epoch_3/model.weights.h5`), unless a `pattern` says where to look.
+    Checkpoints one level down beside ones at the top are not taken, but named in a note."""
     found = _files(directory, pattern)
-    if not found and pattern is None:
-        found = [
-            p for sub in sorted(directory.iterdir()) if sub.is_dir() for p in _files(sub, None)
+    if pattern is None:
+        below = [
+            p
+            for sub in sorted(directory.iterdir())
+            if sub.is_dir() and sub.name != OUTPUT_DIR
+            for p in _files(sub, None)
         ]
+        if not found:
+            found = below + _files(directory / OUTPUT_DIR, None)
+        elif below:
+            folders = sorted({p.parent for p in below})
+            notes.append(
+                f"left out {count(len(below), 'checkpoint')} in {_listed(folders[:3])}"
+                f"{', ...' if len(folders) > 3 else ''}: in folders below {directory}, "
+                "beside the checkpoints in it (name the folders to take them instead)"
+            )
     if not found:
         what = f"matches {pattern!r}" if pattern else "(*.keras, *.h5 or *.hdf5)"
         raise StreamavgError(f"{directory}: no checkpoint {what}")
     return found
 
 
-def _gather(inputs: Iterable[str | os.PathLike], pattern: str | None) -> dict[Path, bool]:
+def _gather(
+    inputs: Iterable[str | os.PathLike], pattern: str | None, notes: list[str]
+) -> dict[Path, bool]:
     """Each path once (however many ways it was reached), and whether it was named.
 
     Hard links are separate checkpoints that happen to hold the same bytes (a backup tool
@@ -205,11 +222,10 @@ def _gather(inputs: Iterable[str | os.PathLike], pattern: str | None) -> dict[Pa
         refuse_url(given)  # before Path() folds its "//"
         item = Path(given)
         if item.is_dir():
-            paths, named = _scan(item, pattern), False
-        elif item.is_file():
+            paths, named = _scan(item, pattern, notes), False
+        elif item.exists():
+            require_regular_file(item)  # a FIFO or device would block the first read
             paths, named = [item], True
-        elif item.exists():  # a FIFO or device would block the first read: refuse it now
-            raise StreamavgError(f"{item}: not a regular file (a device, FIFO or socket)")
         else:
             raise StreamavgError(f"{item}: no such file or directory")
         for p in paths:
@@ -368,6 +384,11 @@ def _scores(
                 f"writes as epoch {e.epoch - 1})"
             )
     return [logged[e.epoch] for e in entries]
+
+
+def count(n: int, noun: str) -> str:
+    """`1 file`, `2 files`."""
+    return f"{n} {noun}{'' if n == 1 else 's'}"
 
 
 def _listed(paths: Iterable[Path], sep: str = ", ") -> str:

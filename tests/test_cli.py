@@ -621,3 +621,19 @@ def test_checkpoints_in_epoch_folders_get_their_default_output_beside_the_folder
     assert sources == [f"epoch_{i}/model.keras" for i in range(1, 6)]
     code, _, err = run(capsys, "ckpts", "-q", "--dry-run", "--overwrite")
     assert (code, err) == (0, f"streamavg: note: left out {out}: an earlier streamavg output\n")
+
+
+def test_inspect_refuses_a_fifo_and_a_directory_at_once(tmp_path, capsys):
+    import os
+
+    os.mkfifo(fifo := tmp_path / "model.keras")  # opening it would wait for a writer
+    assert run(capsys, "inspect", fifo) == (
+        1,
+        "",
+        f"streamavg: error: {fifo}: not a regular file (a device, FIFO or socket)\n",
+    )
+    assert run(capsys, "inspect", tmp_path) == (
+        1,
+        "",
+        f"streamavg: error: {tmp_path}: is a directory, not a file\n",
+    )

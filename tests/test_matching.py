@@ -120,12 +120,18 @@ def test_differing_integers_are_refused(extra, tmp_path, capsys, case):
 
 @pytest.mark.parametrize("max_memory", [None, MIN_MEMORY], ids=["default", "bounded"])
 @pytest.mark.parametrize("case", sorted(QUANTIZED))
-def test_integers_newest_takes_quantized_layers_whole(extra, tmp_path, case, max_memory):
+def test_integers_newest_takes_quantized_layers_whole(extra, tmp_path, capsys, case, max_memory):
     paths = files(extra / case)
     out = tmp_path / "avg.keras"
     extra_args = ["--max-memory", str(max_memory)] if max_memory else []
     args = [str(extra / case), "-o", str(out), "--quiet", "--scheme", "linear", *extra_args]
     assert main([*args, "--integers", "newest"]) == 0
+    quantized = sorted({n.rsplit("/", 1)[0] for n in streamavg.average_tensors([paths[-1]])
+                        if n.startswith(QUANTIZED_LAYERS)})  # fmt: skip
+    assert capsys.readouterr().err == (  # says which layers are not averaged
+        f"streamavg: note: {', '.join(quantized)}: integers differ, so taken whole from "
+        f"{paths[-1]}\n"
+    )
     got = streamavg.average_tensors([out])
     inputs = [streamavg.average_tensors([p]) for p in paths]
     weights = streamavg.scheme_weights("linear", len(paths))

@@ -596,3 +596,48 @@ def test_directory_of_outputs_only(tmp_path):
     a = averaged(tmp_path / "run_1.weights.h5")
     message = f"only earlier streamavg outputs found ({a}); name them as files to average them"
     error(StreamavgError, message, [tmp_path])
+
+
+# -- found in review: percent metrics, shadowed folders, one file, FIFOs, typos ------------
+
+
+def test_percent_metrics_are_never_epochs(tmp_path):
+    """ModelCheckpoint("model-{val_accuracy:.0%}-{epoch:02d}.keras") writes `model-62%-01`."""
+    accuracy = {1: 62, 2: 75, 3: 71, 4: 80, 5: 78, 6: 69}
+    touch(tmp_path, *(f"model-{a}%-{e:02d}.keras" for e, a in accuracy.items()))
+    assert names([tmp_path], last=2) == ["model-78%-05.keras", "model-69%-06.keras"]
+    assert names([tmp_path], epochs="3:4") == ["model-71%-03.keras", "model-80%-04.keras"]
+
+
+def test_folders_beside_checkpoints_are_named_in_a_note(tmp_path):
+    """A final `model.keras` beside `epoch_N/model.keras` folders: the folders are not taken,
+    and the note says so, as it says that one checkpoint is a copy, not an average."""
+    (final,) = touch(tmp_path, "model.keras")
+    for epoch in (1, 2, 3, 4):
+        (tmp_path / f"epoch_{epoch}").mkdir()
+        touch(tmp_path / f"epoch_{epoch}", "model.keras")
+    sel = selection([tmp_path])
+    assert sel.paths == (final,)
+    folders = ", ".join(str(tmp_path / f"epoch_{e}") for e in (1, 2, 3))
+    assert sel.notes == (
+        f"left out 4 checkpoints in {folders}, ...: in folders below {tmp_path}, beside the "
+        "checkpoints in it (name the folders to take them instead)",
+        f"only one checkpoint, {final}: the average is a copy of it",
+    )
+    shown = selection([tmp_path / f"epoch_{e}" for e in (1, 2, 3, 4)])
+    assert [p.parent.name for p in shown.paths] == ["epoch_1", "epoch_2", "epoch_3", "epoch_4"]
+    assert shown.notes == ()
+
+
+def test_a_fifo_as_log_is_refused_at_once(tmp_path):
+    touch(tmp_path, "model_1.keras", "model_2.keras")
+    os.mkfifo(fifo := tmp_path / "log.csv")  # reading it would wait for a writer forever
+    message = f"{fifo}: not a regular file (a device, FIFO or socket)"
+    error(StreamavgError, message, [tmp_path], best=1, monitor="val_loss", log=fifo)
+
+
+def test_a_monitor_missing_from_the_log_is_named_before_its_direction(tmp_path):
+    touch(tmp_path, "model_1.keras", "model_2.keras")
+    log = csv_log(tmp_path / "log.csv", "0,1.0,0.9", "1,0.8,0.5")
+    message = f"monitor='val_los': not logged in {log} (columns: loss, val_loss)"
+    error(UsageError, message, [tmp_path], best=1, monitor="val_los", log=log)

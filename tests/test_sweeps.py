@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
@@ -159,7 +160,7 @@ def test_greedy_soup_command(tutorial, capsys):
 @pytest.mark.parametrize(
     "args, code, message",
     [
-        (["--data", "{out}/no.npz"], 1, "{out}/no.npz: not an .npz file of arrays x and y"),
+        (["--data", "{out}/no.npz"], 1, "{out}/no.npz: no such file"),
         (["--data", "{out}/x_only.npz"], 1, "{out}/x_only.npz: no array 'y' (needs 'x' and 'y')"),
         (["--data", "{out}/test.npz", "--greedy", "--scheme", "exp"], 2,
          "--greedy averages its soup equally; it takes no --scheme"),
@@ -269,6 +270,24 @@ def test_sweep_mode_overrides_the_direction(compiled_run, capsys):
     assert code == 0 and printed[5] == f"best: the last {best} (mse {scores[best]:.4f})"
 
 
+def test_sweep_stderr_is_one_line_in_a_fresh_process(compiled_run, tmp_path):
+    """What Keras said, unwrapped; and none of TensorFlow's C++ start-up lines, which it
+    writes to the process's stderr before any log level applies."""
+    data = np.load(compiled_run / "data.npz")
+    np.savez(tmp_path / "narrow.npz", x=data["x"][:, :4], y=data["y"])
+    cmd = [sys.executable, "-m", "streamavg", "sweep", str(compiled_run / "ckpt")]
+    env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
+    out = subprocess.run([*cmd, "--data", str(tmp_path / "narrow.npz")], env=env,
+                         capture_output=True, text=True)  # fmt: skip
+    assert (out.returncode, out.stdout) == (1, "")
+    assert out.stderr == (
+        f"streamavg: error: {tmp_path / 'narrow.npz'}: Keras cannot evaluate model_4.keras on x "
+        "and y (ValueError: Input 0 with name 'None' of layer 'dense' is incompatible with the "
+        "layer: expected axis -1 of input shape to have value 5, but received input with shape "
+        "(None, 4))\n"
+    )
+
+
 def test_sweep_keras_failure_is_one_line(compiled_run, capsys):
     data = compiled_run / "bad_labels.npz"
     code = main(["sweep", str(compiled_run / "ckpt"), "--data", str(data)])
@@ -311,3 +330,12 @@ def test_sweep_refuses_an_output_keras_would_not_load_before_scoring(
         "under a name ending in .keras\n"
     )
     assert not dest.exists()
+
+
+def test_sweep_refuses_a_fifo_as_data_at_once(compiled_run, tmp_path, capsys):
+    os.mkfifo(fifo := tmp_path / "data.npz")
+    code = main(["sweep", str(compiled_run / "ckpt"), "--data", str(fifo)])
+    assert (code, capsys.readouterr().err) == (
+        1,
+        f"streamavg: error: {fifo}: not a regular file (a device, FIFO or socket)\n",
+    )
