@@ -123,7 +123,8 @@ def select_checkpoints(
     form = _template(template, epochs=epochs, log=log)
     _check_ranking(best, monitor, mode, log, form)
     notes: list[str] = []
-    found = _originals(_gather(inputs, pattern, notes), notes)
+    gathered = _gather(inputs, pattern, notes)
+    found = _originals(gathered, notes)
     if form is not None:
         entries, by_mtime = _by_template(found, form, notes), False
     else:
@@ -139,7 +140,7 @@ def select_checkpoints(
         entries, values = [entries[i] for i in kept], tuple(scores[i] for i in kept)
     if last:
         entries, values = entries[-last:], values[-last:]
-    if len(entries) == 1:
+    if len(entries) == 1 and not gathered[entries[0].path]:  # not the one file named
         notes.append(f"only one checkpoint, {entries[0].path}: the average is a copy of it")
     return Selection(tuple(e.path for e in entries), by_mtime, tuple(notes), values)
 
