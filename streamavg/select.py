@@ -5,10 +5,10 @@ them (see :mod:`streamavg.names`: metric values such as `0.53` are never epochs)
 from the path below the checkpoints' common directory (`epoch_12/model.keras`), or from
 a ModelCheckpoint `template`. Names without any number fall back to modification time.
 
-What is left out says so in `Selection.notes`: an earlier streamavg output found in a
-directory, a name without a number beside numbered ones, a name the template does not
-match. What cannot be ordered safely is refused: two files claiming one epoch, names of
-different kinds, an earlier output given together with original checkpoints.
+What is left out says so in `Selection.notes`: an earlier streamavg output beside the
+original checkpoints (found in a directory, or named by a glob such as `ckpts/*`), a name
+without a number beside numbered ones, a name the template does not match. What cannot
+be ordered safely is refused: two files claiming one epoch, names of different kinds.
 
 Filters apply in this order: `epochs` (a range), then `best` (the K best by `monitor`,
 kept in chronological order), then `last` (the newest N).
@@ -238,25 +238,20 @@ def _gather(
 
 
 def _originals(found: dict[Path, bool], notes: list[str]) -> list[Path]:
-    """Leave out earlier streamavg outputs found in directories; refuse one named among
-    original checkpoints (as a shell glob such as `ckpts/*` names it). Outputs named
-    without originals are averaged: that is an average of averages."""
-    outputs = {p for p in found if averaged_by_streamavg(p)}
+    """Leave out earlier streamavg outputs beside original checkpoints, found in a
+    directory or named among them (as a shell glob such as `ckpts/*` names them), with a
+    note. Outputs named without originals are averaged: that is an average of averages."""
+    outputs = [p for p in found if averaged_by_streamavg(p)]
     originals = [p for p in found if p not in outputs]
-    named = [p for p in found if p in outputs and found[p]]
-    scanned = [p for p in found if p in outputs and not found[p]]
-    if named and originals:
-        raise UsageError(
-            f"{named[0]}: is an earlier streamavg output, given with original checkpoints; "
-            "leave it out (or give only outputs, to average averages)"
-        )
-    if scanned and not (originals or named):
+    named = [p for p in outputs if found[p]]
+    if not originals and not named:
         raise StreamavgError(
-            f"only earlier streamavg outputs found ({_listed(scanned)}); "
+            f"only earlier streamavg outputs found ({_listed(outputs)}); "
             "name them as files to average them"
         )
-    if scanned:
-        notes.append(f"left out {_listed(scanned)}: an earlier streamavg output")
+    left_out = outputs if originals else [p for p in outputs if not found[p]]
+    if left_out:
+        notes.append(f"left out {_listed(left_out)}: an earlier streamavg output")
     return originals or named
 
 

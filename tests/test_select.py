@@ -572,17 +572,14 @@ def test_earlier_output_found_in_a_directory_is_left_out(tmp_path):
     assert sel.notes == (f"left out {output}: an earlier streamavg output",)
 
 
-def test_earlier_output_named_among_checkpoints_is_refused(tmp_path):
-    """As a shell glob such as `ckpts/*` names it: refused, not guessed at."""
+def test_earlier_output_named_among_checkpoints_is_left_out(tmp_path):
+    """As a shell glob such as `ckpts/*` names it: left out with a note, never averaged."""
     ckpts = touch(tmp_path, "model_1.weights.h5", "model_2.weights.h5")
     output = averaged(tmp_path / "model_9.weights.h5")
-    message = (
-        f"{output}: is an earlier streamavg output, given with original checkpoints; "
-        "leave it out (or give only outputs, to average averages)"
-    )
-    error(UsageError, message, sorted(tmp_path.iterdir()))
-    error(UsageError, message, [tmp_path, output])
-    assert names(ckpts) == ["model_1.weights.h5", "model_2.weights.h5"]
+    for inputs in (sorted(tmp_path.iterdir()), [tmp_path, output]):
+        sel = selection(inputs)
+        assert sel.paths == tuple(ckpts)
+        assert sel.notes == (f"left out {output}: an earlier streamavg output",)
 
 
 def test_outputs_named_alone_are_averaged(tmp_path):
