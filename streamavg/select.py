@@ -16,6 +16,7 @@ kept in chronological order), then `last` (the newest N).
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from collections.abc import Iterable, Sequence
@@ -38,6 +39,7 @@ from .names import (
 )
 from .output import OUTPUT_DIR, refuse_url
 
+SHARDED = ".weights.json"  # save_weights(..., max_shard_size=...): a manifest of shards
 MTIME_NOTE = "file names carry no epoch number; ordered by modification time"
 _DIGITS = re.compile(r"(\d+)")
 
@@ -180,7 +182,31 @@ def _check_ranking(
 
 def _files(directory: Path, pattern: str | None) -> list[Path]:
     found = sorted(p for p in directory.glob(pattern or "*") if p.is_file())
+    for p in found:
+        _refuse_sharded(p)
     return found if pattern else [p for p in found if p.name.endswith(CHECKPOINT_SUFFIXES)]
+
+
+def _refuse_sharded(path: Path) -> None:
+    """Sharded Keras weights are one checkpoint in many files, which streamavg does not read
+    yet: refuse a manifest, and a shard that a manifest beside it lists, rather than take
+    a shard (part of a model) for a checkpoint."""
+    why = f"sharded Keras weights (a {SHARDED} manifest and its shards) are not read yet"
+    if path.name.endswith(SHARDED):
+        raise StreamavgError(f"{path}: {why}")
+    for manifest in path.parent.glob(f"*{SHARDED}"):
+        if path.name in _shards(manifest):
+            raise StreamavgError(f"{path}: a shard of {manifest}; {why}")
+
+
+def _shards(manifest: Path) -> set[str]:
+    """The shard files a `.weights.json` manifest names (none, if it cannot be read)."""
+    try:
+        weight_map = json.loads(manifest.read_text()).get("weight_map", {})
+        listed = [v if isinstance(v, list) else [v] for v in weight_map.values()]
+    except (OSError, ValueError, AttributeError):
+        return set()
+    return {name for names in listed for name in names if isinstance(name, str)}
 
 
 def _scan(directory: Path, pattern: str | None, notes: list[str]) -> list[Path]:
@@ -226,6 +252,7 @@ def _gather(
             paths, named = _scan(item, pattern, notes), False
         elif item.exists():
             require_regular_file(item)  # a FIFO or device would block the first read
+            _refuse_sharded(item)
             paths, named = [item], True
         else:
             raise StreamavgError(f"{item}: no such file or directory")
