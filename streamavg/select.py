@@ -187,26 +187,29 @@ def _files(directory: Path, pattern: str | None) -> list[Path]:
     return found if pattern else [p for p in found if p.name.endswith(CHECKPOINT_SUFFIXES)]
 
 
-def _refuse_sharded(path: Path) -> None:
+def _refuse_sharded(path: Path, shards: dict[str, Path] | None = None) -> None:
     """Sharded Keras weights are one checkpoint in many files, which streamavg does not read
-    yet: refuse a manifest, and a shard that a manifest beside it lists, rather than take
-    a shard (part of a model) for a checkpoint."""
+    yet: refuse a manifest, and a shard listed in `shards` (shard name -> manifest, from
+    `_sharded_beside`), rather than take a shard (part of a model) for a checkpoint."""
     why = f"sharded Keras weights (a {SHARDED} manifest and its shards) are not read yet"
     if path.name.endswith(SHARDED):
         raise StreamavgError(f"{path}: {why}")
-    for manifest in path.parent.glob(f"*{SHARDED}"):
-        if path.name in _shards(manifest):
-            raise StreamavgError(f"{path}: a shard of {manifest}; {why}")
+    if shards and path.name in shards:
+        raise StreamavgError(f"{path}: a shard of {shards[path.name]}; {why}")
 
 
-def _shards(manifest: Path) -> set[str]:
-    """The shard files a `.weights.json` manifest names (none, if it cannot be read)."""
-    try:
-        weight_map = json.loads(manifest.read_text()).get("weight_map", {})
-        listed = [v if isinstance(v, list) else [v] for v in weight_map.values()]
-    except (OSError, ValueError, AttributeError):
-        return set()
-    return {name for names in listed for name in names if isinstance(name, str)}
+def _sharded_beside(directory: Path) -> dict[str, Path]:
+    """The shard files that the `.weights.json` manifests in `directory` list, each with
+    its manifest (a manifest that cannot be read lists none)."""
+    found = {}
+    for manifest in directory.glob(f"*{SHARDED}"):
+        try:
+            weight_map = json.loads(manifest.read_text()).get("weight_map", {})
+            listed = [v if isinstance(v, list) else [v] for v in weight_map.values()]
+        except (OSError, ValueError, AttributeError):
+            continue
+        found |= {name: manifest for names in listed for name in names if isinstance(name, str)}
+    return found
 
 
 def _scan(directory: Path, pattern: str | None, notes: list[str]) -> list[Path]:
@@ -245,6 +248,7 @@ def _gather(
     links identical files): two at one epoch are refused later, like any two copies.
     """
     found: dict[Path, tuple[Path, bool]] = {}
+    manifests: dict[Path, dict[str, Path]] = {}
     for given in inputs:
         refuse_url(given)  # before Path() folds its "//"
         item = Path(given)
@@ -252,7 +256,9 @@ def _gather(
             paths, named = _scan(item, pattern, notes), False
         elif item.exists():
             require_regular_file(item)  # a FIFO or device would block the first read
-            _refuse_sharded(item)
+            if item.parent not in manifests:  # once a folder, however many files it names
+                manifests[item.parent] = _sharded_beside(item.parent)
+            _refuse_sharded(item, manifests[item.parent])
             paths, named = [item], True
         else:
             raise StreamavgError(f"{item}: no such file or directory")
