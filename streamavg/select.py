@@ -70,19 +70,6 @@ def natural_key(name: str) -> list:
     return [int(tok) if i % 2 else tok for i, tok in enumerate(_DIGITS.split(stem(name)))]
 
 
-def epoch_numbers(names: Sequence[str]) -> list[int]:
-    """The epoch of each name: the first integer that differs across the names.
-
-    >>> epoch_numbers(["weights.09-0.31.h5", "weights.10-0.30.h5"])
-    [9, 10]
-    >>> epoch_numbers(["model-0.53-09.keras", "model-1.10-10.keras"])
-    [9, 10]
-    """
-    numbers = [readings(stem(name))[0].numbers for name in names]
-    column = _epoch_column(numbers)
-    return [ns[column] for ns in numbers]
-
-
 def _epoch_column(numbers: Sequence[tuple[int, ...]]) -> int:
     width = min(len(ns) for ns in numbers)
     return next((j for j in range(width) if len({ns[j] for ns in numbers}) > 1), width - 1)

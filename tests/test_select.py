@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from streamavg.errors import StreamavgError, UsageError
-from streamavg.select import epoch_numbers, natural_key, parse_epochs, select_checkpoints
+from streamavg.select import natural_key, parse_epochs, select_checkpoints
 
 
 def touch(directory: Path, *names: str, mtime: int | None = None) -> list[Path]:
@@ -117,9 +117,24 @@ def test_model_checkpoint_names_use_the_epoch(tmp_path):
     ]
 
 
-def test_epoch_numbers():
-    assert epoch_numbers(["weights.09-0.31.h5", "weights.10-0.30.h5"]) == [9, 10]
-    assert epoch_numbers(["run3_epoch_9.keras", "run3_epoch_10.keras"]) == [9, 10]
+def epochs_of(directory: Path, *files: str, within: range = range(1, 13)) -> list[int]:
+    """The epoch that `epochs="E:E"` finds in each of `files` (made empty in `directory`)."""
+    touch(directory, *files)
+
+    def only(e: int) -> list[str]:
+        try:
+            return names([directory], epochs=f"{e}:{e}")
+        except StreamavgError:  # no checkpoint in that epoch
+            return []
+
+    return [e for name in files for e in within if only(e) == [name]]
+
+
+def test_epoch_numbers(tmp_path):
+    (a := tmp_path / "a").mkdir()
+    (b := tmp_path / "b").mkdir()
+    assert epochs_of(a, "weights.09-0.31.h5", "weights.10-0.30.h5") == [9, 10]
+    assert epochs_of(b, "run3_epoch_9.keras", "run3_epoch_10.keras") == [9, 10]
 
 
 @pytest.mark.parametrize(
@@ -247,9 +262,11 @@ def test_digits_that_read_either_way_are_refused(tmp_path):
     assert got == ["model.3.0.53.keras", "model.4.0.51.keras"]
 
 
-def test_epoch_numbers_skip_metrics():
-    assert epoch_numbers(["model-0.61-08.keras", "model-0.55-09.keras"]) == [8, 9]
-    assert epoch_numbers(["ckpt_1.2e-05_3.h5", "ckpt_nan_4.h5"]) == [3, 4]
+def test_epoch_numbers_skip_metrics(tmp_path):
+    (a := tmp_path / "a").mkdir()
+    (b := tmp_path / "b").mkdir()
+    assert epochs_of(a, "model-0.61-08.keras", "model-0.55-09.keras") == [8, 9]
+    assert epochs_of(b, "ckpt_1.2e-05_3.h5", "ckpt_nan_4.h5") == [3, 4]
 
 
 def test_save_best_only_file_beside_epochs_is_left_out(tmp_path):
