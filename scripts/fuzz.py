@@ -34,7 +34,8 @@ from hypothesis import strategies as st
 
 from streamavg import scheme_weights
 from streamavg.cli import main as streamavg
-from streamavg.formats import WEIGHTS_MEMBER, logical_dtype
+from streamavg.formats.hdf5 import logical_dtype
+from streamavg.formats.keras_zip import WEIGHTS_MEMBER
 
 CASES = ("k3-keras", "k3-weights", "k3-h5", "k3-keras-bf16", "k2-h5", "k2-weights")
 SKIPPED_GROUPS = ("optimizer", "optimizer_weights")  # not the model part in any format

@@ -98,7 +98,7 @@ def run(epochs: int, save_last: int, seed: int, outdir: Path) -> dict:
     evaluate, _, _ = keras_scorer(files[-1], outdir / "test.npz", "accuracy")
     results = {"single": {}}
     for epoch, path in enumerate(files, first):
-        with streamavg.formats.Checkpoint(path) as ck:
+        with streamavg.formats.open_checkpoint(path) as ck:
             tensors = {n: ck.read_whole(n) for n in ck.tensors}
         results["single"][epoch] = evaluate(tensors)
     for scheme in SCHEMES:

@@ -18,13 +18,12 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from . import keras_zip
 from ._version import __version__
 from .engine import MIN_MEMORY, fold, model_tensors, open_all, taken_whole, to_average
 from .errors import UsageError, option
-from .formats import SUFFIXES, Checkpoint
+from .formats import FOLDERS, SUFFIXES, open_checkpoint
 from .names import common_dir
-from .output import atomic_output, check_output, destination, h5_like
+from .output import check_output, destination
 from .schemes import scheme_weights
 from .select import select_checkpoints
 
@@ -121,7 +120,7 @@ def run(
         checkpoints = open_all(p.files, stack)
         newest = checkpoints[-1]
         dest = destination(output, newest, p.scheme, p.files)
-        check_output(dest, p.files, overwrite)
+        check_output(dest, p.files, overwrite, folder=newest.format in FOLDERS)
         averaged = to_average(checkpoints, integers=integers, max_memory=max_memory)
         whole = taken_whole(newest, averaged)
         why = f"integers differ, so taken whole from {newest.path}"
@@ -135,18 +134,12 @@ def run(
             "files": _relative(p.files),
             "weights": list(p.weights),
         }
-        need = sum(t.nbytes for t in averaged)
-        tmp = stack.enter_context(atomic_output(dest, overwrite, need=need))
-        zipped = newest.format == "keras"
-        checksums: dict[int, tuple[int, int]] = {}
-        with h5_like(
-            newest,
-            tmp,
+        with newest.write_like(
+            dest,
             [t.name for t in averaged],
             optimizer=optimizer == "newest",
             provenance=provenance,
-            userblock=keras_zip.HEADER if zipped else 0,
-            checksums=checksums if zipped else None,
+            overwrite=overwrite,
         ) as write:
             fold(
                 checkpoints,
@@ -157,8 +150,6 @@ def run(
                 allow_nonfinite=allow_nonfinite,
                 progress=progress,
             )
-        if zipped:
-            keras_zip.finish(newest.path, tmp, checksums)
     return Result(dest, p.files, p.weights, notes)
 
 
@@ -241,7 +232,10 @@ def load_into_model(
     skipped the optimizer's variables says only that, and is not shown.
     """
     p = plan(paths, **plan_args)
-    with Checkpoint(p.files[-1]) as newest, tempfile.TemporaryDirectory(prefix="streamavg-") as tmp:
+    with (
+        open_checkpoint(p.files[-1]) as newest,
+        tempfile.TemporaryDirectory(prefix="streamavg-") as tmp,
+    ):
         output = Path(tmp) / f"averaged{SUFFIXES[newest.format]}"
         run(p, output, allow_nonfinite=allow_nonfinite, integers=integers)
         with warnings.catch_warnings():

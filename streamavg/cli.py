@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import re
 import resource
@@ -17,7 +16,7 @@ from ._version import __version__
 from .api import OPTIMIZER_POLICIES, Plan, Result, plan, run
 from .engine import INTEGER_POLICIES
 from .errors import StreamavgError, UsageError, command_line
-from .formats import PROVENANCE_ATTR, Checkpoint
+from .formats import FOLDERS, open_checkpoint
 from .monitor import MODES
 from .output import check_output, destination
 from .schemes import SCHEMES
@@ -218,9 +217,9 @@ def _average(argv: Sequence[str]) -> int:
     if not args.quiet:
         print(_table(p))
     if args.dry_run:
-        with Checkpoint(p.files[-1]) as newest:
+        with open_checkpoint(p.files[-1]) as newest:
             dest = destination(args.output, newest, p.scheme, p.files)
-        check_output(dest, p.files, args.overwrite)
+            check_output(dest, p.files, args.overwrite, folder=newest.format in FOLDERS)
         print(f"dry run: would average {count(len(p.files), 'file')} ({p.scheme}) into {dest}")
         return 0
     result = run(
@@ -253,18 +252,14 @@ def _peak_rss_kib() -> int:
 
 def inspect(path: str) -> str:
     """A readable listing of a checkpoint: format, tensors, shapes, dtypes and sizes."""
-    with Checkpoint(path, optimizer=True) as ck:
-        ck.check_heaps()
-        attrs = ck.h5.attrs
+    with open_checkpoint(path, optimizer=True) as ck:
         total = sum(t.nbytes for t in ck.tensors.values())
         lines = [
             f"{ck.path}: {ck.format}, {count(len(ck.tensors), 'tensor')}, {total:,} bytes "
-            f"(a {ck.size:,}-byte HDF5 file)"
+            f"({ck.size:,} bytes on disk)"
         ]
-        if "keras_version" in attrs:
-            lines[0] += f", written by Keras {_text(attrs['keras_version'])}"
-        if PROVENANCE_ATTR in attrs:
-            lines.append(f"averaged by streamavg: {json.loads(_text(attrs[PROVENANCE_ATTR]))}")
+        if ck.provenance is not None:
+            lines.append(f"averaged by streamavg: {ck.provenance}")
         width = max([len(n) for n in ck.tensors] + [6])
         lines.append(
             f"{'part':<9}  {'tensor':<{width}}  {'shape':<16}  {'dtype':<8}  {'bytes':>12}"
@@ -281,10 +276,6 @@ def inspect(path: str) -> str:
                     f"{part}: {count(len(ts), 'tensor')}, {sum(t.nbytes for t in ts):,} bytes"
                 )
     return "\n".join(lines)
-
-
-def _text(value: object) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 def _inspect(argv: Sequence[str]) -> int:
@@ -321,8 +312,9 @@ def _sweep(argv: Sequence[str]) -> int:
     order = {"template": args.template}  # selecting among `files` again keeps their order
     integers = args.integers
     if args.output:  # refuse a bad output now, not after scoring every average
-        with Checkpoint(files[-1]) as newest:
-            check_output(destination(args.output, newest, "sweep", files), files, args.overwrite)
+        with open_checkpoint(files[-1]) as newest:
+            dest = destination(args.output, newest, "sweep", files)
+            check_output(dest, files, args.overwrite, folder=newest.format in FOLDERS)
 
     from .evaluate import keras_scorer
     from .sweeps import greedy_soup, sweep

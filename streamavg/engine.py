@@ -23,7 +23,8 @@ import numpy as np
 
 from .blocks import block_shape, blocks
 from .errors import StreamavgError, UsageError, option
-from .formats import BY_POSITION, Checkpoint, Tensor
+from .formats import Reader, Tensor, open_checkpoint
+from .formats.hdf5 import BY_POSITION
 from .progress import bytes_bar
 
 PIECE_BYTES = 1 << 20  # float64 accumulator per piece: stays in the CPU cache
@@ -40,28 +41,26 @@ Write = Callable[[Tensor, tuple[slice, ...], np.ndarray], None]
 Buffers = tuple[np.ndarray, np.ndarray, np.ndarray]  # a worker's: float64, float64, bytes
 
 
-def open_all(paths: Sequence, stack: ExitStack) -> list[Checkpoint]:
+def open_all(paths: Sequence, stack: ExitStack) -> list[Reader]:
     """Open every checkpoint (metadata only), each checked against the newest as it comes.
 
     An older checkpoint whose model can be read straight from its file lets go of its
     HDF5 handle at once, so memory stays flat however many checkpoints there are; with
     more checkpoints than the open-file limit allows, it closes its file between reads.
     """
-    newest = stack.enter_context(Checkpoint(paths[-1]))
+    newest = stack.enter_context(open_checkpoint(paths[-1]))
     soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
     too_many = soft != resource.RLIM_INFINITY and len(paths) > soft - FD_RESERVE
     older = []
     for path in paths[:-1]:
-        ck = stack.enter_context(Checkpoint(path))
+        ck = stack.enter_context(open_checkpoint(path))
         check_matches(ck, newest)
-        ck.drop_hdf5()
-        if too_many:
-            ck.release()
+        ck.settle(release=too_many)
         older.append(ck)
     return [*older, newest]
 
 
-def check_matches(ck: Checkpoint, ref: Checkpoint) -> None:
+def check_matches(ck: Reader, ref: Reader) -> None:
     """Require the format, model tensor names, shapes and dtypes of `ref`.
 
     A legacy `.h5` file is first matched to `ref` as Keras loads it, layer by layer in
@@ -87,7 +86,7 @@ def check_matches(ck: Checkpoint, ref: Checkpoint) -> None:
             )
 
 
-def match_by_position(ck: Checkpoint, ref: Checkpoint) -> None:
+def match_by_position(ck: Reader, ref: Reader) -> None:
     """Pair a legacy file's tensors with `ref`'s by (layer, weight) position, as Keras
     loads them, and rename them to `ref`'s names; the fold then reads one name in each.
 
@@ -122,7 +121,7 @@ def _leaf(name: str) -> str:
     return re.sub(r":\d+$", "", name.rsplit("/", 1)[-1])
 
 
-def model_tensors(ck: Checkpoint) -> dict[str, Tensor]:
+def model_tensors(ck: Reader) -> dict[str, Tensor]:
     return {n: t for n, t in ck.tensors.items() if t.part == "model"}
 
 
@@ -143,7 +142,7 @@ def piece_layout(max_memory: int | None) -> tuple[int, int]:
 
 
 def to_average(
-    checkpoints: Sequence[Checkpoint], *, integers: str = "equal", max_memory: int | None = None
+    checkpoints: Sequence[Reader], *, integers: str = "equal", max_memory: int | None = None
 ) -> list[Tensor]:
     """The newest checkpoint's model tensors to average; the others are copied from it.
 
@@ -162,7 +161,7 @@ def to_average(
     return [t for t in tensors if t.averaged and posixpath.dirname(t.name) not in taken]
 
 
-def taken_whole(newest: Checkpoint, averaged: Sequence[Tensor]) -> list[str]:
+def taken_whole(newest: Reader, averaged: Sequence[Tensor]) -> list[str]:
     """The layers (HDF5 groups) that `to_average` left to be copied whole from `newest`
     although they hold float weights: those whose integers differ."""
     names = {t.name for t in averaged}
@@ -171,7 +170,7 @@ def taken_whole(newest: Checkpoint, averaged: Sequence[Tensor]) -> list[str]:
 
 
 def _differing(
-    checkpoints: Sequence[Checkpoint],
+    checkpoints: Sequence[Reader],
     tensors: Sequence[Tensor],
     *,
     refuse: bool,
@@ -206,7 +205,7 @@ def _differing(
 
 
 def fold(
-    checkpoints: Sequence[Checkpoint],
+    checkpoints: Sequence[Reader],
     weights: np.ndarray,
     tensors: Sequence[Tensor],
     write: Write,
@@ -322,7 +321,7 @@ def _each_piece(
 
 
 def _blame_nonfinite(
-    checkpoints: Sequence[Checkpoint], t: Tensor, index: tuple[slice, ...], buf: np.ndarray
+    checkpoints: Sequence[Reader], t: Tensor, index: tuple[slice, ...], buf: np.ndarray
 ) -> None:
     for ck in checkpoints:
         ck.read(t.name, index, buf)

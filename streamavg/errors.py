@@ -6,6 +6,7 @@ Messages name options as the caller wrote them: `--max-memory` on the command li
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
@@ -47,3 +48,19 @@ def command_line() -> Iterator[None]:
         yield
     finally:
         _COMMAND_LINE.reset(token)
+
+
+#: What a writer raises on a failed write (h5py wraps the system's error in these).
+WRITE_ERRORS = (OSError, RuntimeError, KeyError, ValueError)
+
+
+def system_errno(e: BaseException) -> int | None:
+    """The operating system's error number behind `e`, also when HDF5 wraps it in text."""
+    found = re.search(r"errno = (\d+)", str(e))
+    return getattr(e, "errno", None) or (int(found[1]) if found else None)
+
+
+def reason(e: BaseException) -> str:
+    """The last clause of an HDF5 error, which names the cause without the call stack."""
+    text = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+    return text.rstrip(")").split("(", 1)[-1].strip() if "(" in text else text

@@ -20,11 +20,15 @@ from pathlib import Path
 import numpy as np
 
 from .errors import StreamavgError, UsageError, option
-from .formats import Checkpoint, require_regular_file
+from .formats import open_checkpoint, require_regular_file
+from .formats.hdf5 import h5_like
 from .monitor import check_mode
-from .output import h5_like
 
-ARCHITECTURES = ("keras", "legacy-h5")  # the formats that hold a model, not just weights
+ARCHITECTURES = (
+    "keras",
+    "keras-dir",
+    "legacy-h5",
+)  # the formats that hold a model, not just weights
 
 
 def load_data(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
@@ -57,13 +61,13 @@ def keras_scorer(
     """
     check_mode(mode)
     keras = import_keras("streamavg sweep")
-    with Checkpoint(newest) as ck:
-        ck.check_heaps()  # Keras is about to decode its attributes
+    with open_checkpoint(newest) as ck:
         if ck.format not in ARCHITECTURES:
             raise UsageError(
                 f"{newest}: a {ck.format} file holds no model to evaluate; "
                 "sweep needs .keras or full-model .h5 checkpoints"
             )
+        ck.check_heaps()  # Keras is about to decode its attributes
         fmt = ck.format
     x, y = load_data(data)
     try:
@@ -90,10 +94,10 @@ def keras_scorer(
             f"{option('metric')} {metric}: not among the model's metrics ({', '.join(names)})"
         )
     maximize = mode == "max" if mode != "auto" else higher_is_better(model, metric)
-    suffix = ".weights.h5" if fmt == "keras" else ".h5"
+    suffix = ".weights.h5" if fmt.startswith("keras") else ".h5"
 
     def evaluate(tensors: dict[str, np.ndarray]) -> float:
-        with Checkpoint(newest) as template, tempfile.TemporaryDirectory() as tmp:
+        with open_checkpoint(newest) as template, tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / f"average{suffix}"
             # The template's optimizer state comes along, so Keras finds what it expects.
             with h5_like(template, path, tensors, optimizer=True, provenance={}) as write:

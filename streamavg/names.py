@@ -18,7 +18,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import NamedTuple
 
-CHECKPOINT_SUFFIXES = (".keras", ".h5", ".hdf5")
+CHECKPOINT_SUFFIXES = (".keras", ".h5", ".hdf5", ".weights.json", ".safetensors")
 ORDER_FIELDS = ("epoch", "batch")  # the integers ModelCheckpoint formats; the rest are logs
 # Digits joined by dots, with an exponent, or a word nan/inf: numbers as Python writes them.
 _NUMBER = re.compile(

@@ -16,7 +16,6 @@ kept in chronological order), then `last` (the newest N).
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from collections.abc import Iterable, Sequence
@@ -25,7 +24,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 from .errors import StreamavgError, UsageError, option
-from .formats import averaged_by_streamavg, require_regular_file
+from .formats import averaged_by_streamavg, is_checkpoint_dir, parts, require_regular_file
 from .monitor import best_k, check_mode, direction, read_log
 from .names import (
     CHECKPOINT_SUFFIXES,
@@ -39,7 +38,6 @@ from .names import (
 )
 from .output import OUTPUT_DIR, refuse_url
 
-SHARDED = ".weights.json"  # save_weights(..., max_shard_size=...): a manifest of shards
 MTIME_NOTE = "file names carry no epoch number; ordered by modification time"
 _DIGITS = re.compile(r"(\d+)")
 
@@ -168,34 +166,17 @@ def _check_ranking(
 
 
 def _files(directory: Path, pattern: str | None) -> list[Path]:
-    found = sorted(p for p in directory.glob(pattern or "*") if p.is_file())
-    for p in found:
-        _refuse_sharded(p)
-    return found if pattern else [p for p in found if p.name.endswith(CHECKPOINT_SUFFIXES)]
-
-
-def _refuse_sharded(path: Path, shards: dict[str, Path] | None = None) -> None:
-    """Sharded Keras weights are one checkpoint in many files, which streamavg does not read
-    yet: refuse a manifest, and a shard listed in `shards` (shard name -> manifest, from
-    `_sharded_beside`), rather than take a shard (part of a model) for a checkpoint."""
-    why = f"sharded Keras weights (a {SHARDED} manifest and its shards) are not read yet"
-    if path.name.endswith(SHARDED):
-        raise StreamavgError(f"{path}: {why}")
-    if shards and path.name in shards:
-        raise StreamavgError(f"{path}: a shard of {shards[path.name]}; {why}")
-
-
-def _sharded_beside(directory: Path) -> dict[str, Path]:
-    """The shard files that the `.weights.json` manifests in `directory` list, each with
-    its manifest (a manifest that cannot be read lists none)."""
-    found = {}
-    for manifest in directory.glob(f"*{SHARDED}"):
-        try:
-            weight_map = json.loads(manifest.read_text()).get("weight_map", {})
-            listed = [v if isinstance(v, list) else [v] for v in weight_map.values()]
-        except (OSError, ValueError, AttributeError):
-            continue
-        found |= {name: manifest for names in listed for name in names if isinstance(name, str)}
+    """The checkpoints in `directory`: files with a checkpoint's suffix (any file matching
+    `pattern`, if given) and folders that are checkpoints, but no part of another (a shard
+    its manifest lists)."""
+    owned = parts(directory)
+    found = []
+    for p in sorted(directory.glob(pattern or "*")):
+        if p.is_dir():
+            if is_checkpoint_dir(p):
+                found.append(p)
+        elif p.name not in owned and (pattern or p.name.endswith(CHECKPOINT_SUFFIXES)):
+            found.append(p)
     return found
 
 
@@ -208,7 +189,7 @@ def _scan(directory: Path, pattern: str | None, notes: list[str]) -> list[Path]:
         below = [
             p
             for sub in sorted(directory.iterdir())
-            if sub.is_dir() and sub.name != OUTPUT_DIR
+            if sub.is_dir() and sub.name != OUTPUT_DIR and not is_checkpoint_dir(sub)
             for p in _files(sub, None)
         ]
         if not found:
@@ -235,17 +216,21 @@ def _gather(
     links identical files): two at one epoch are refused later, like any two copies.
     """
     found: dict[Path, tuple[Path, bool]] = {}
-    manifests: dict[Path, dict[str, Path]] = {}
+    owners: dict[Path, dict[str, Path]] = {}
     for given in inputs:
         refuse_url(given)  # before Path() folds its "//"
         item = Path(given)
-        if item.is_dir():
+        if is_checkpoint_dir(item):
+            paths, named = [item], True
+        elif item.is_dir():
             paths, named = _scan(item, pattern, notes), False
         elif item.exists():
             require_regular_file(item)  # a FIFO or device would block the first read
-            if item.parent not in manifests:  # once a folder, however many files it names
-                manifests[item.parent] = _sharded_beside(item.parent)
-            _refuse_sharded(item, manifests[item.parent])
+            if item.parent not in owners:  # once a folder, however many files it names
+                owners[item.parent] = parts(item.parent)
+            if item.name in owners[item.parent]:
+                owner = owners[item.parent][item.name]
+                raise StreamavgError(f"{item}: a part of checkpoint {owner}; name that instead")
             paths, named = [item], True
         else:
             raise StreamavgError(f"{item}: no such file or directory")

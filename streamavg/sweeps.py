@@ -21,7 +21,7 @@ from typing import NamedTuple
 import numpy as np
 
 from .engine import model_tensors, open_all, to_average
-from .formats import Checkpoint, Tensor
+from .formats import Reader, Tensor
 from .schemes import scheme_weights
 from .select import select_checkpoints
 
@@ -140,12 +140,12 @@ def greedy_soup(
     return Soup(singles, tuple(kept), score)
 
 
-def _read(ck: Checkpoint, averaged: list[Tensor]) -> Tensors:
+def _read(ck: Reader, averaged: list[Tensor]) -> Tensors:
     """The checkpoint's `averaged` tensors, whole, in float64."""
     return {t.name: ck.read_whole(t.name).astype(np.float64) for t in averaged}
 
 
-def _stored(newest: Checkpoint, average: Tensors) -> Tensors:
+def _stored(newest: Reader, average: Tensors) -> Tensors:
     """A full set of model tensors: `average` cast to the stored dtypes, the rest from `newest`."""
     return {
         n: average[n].astype(t.dtype) if n in average else newest.read_whole(n)

@@ -18,7 +18,7 @@ from conftest import files, snapshot
 
 from streamavg import __version__, scheme_weights
 from streamavg.cli import main
-from streamavg.formats import Checkpoint
+from streamavg.formats import open_checkpoint
 
 
 def run(capsys, *args: object) -> tuple[int, str, str]:
@@ -337,7 +337,7 @@ def test_natural_order_and_provenance(case_copy, tmp_path, capsys):
         p.rename(d / f"model_{i}.keras")
     out = tmp_path / "avg.keras"
     assert run(capsys, d, "--scheme", "linear", "-o", out)[0] == 0
-    with Checkpoint(out) as ck:
+    with open_checkpoint(out) as ck:
         provenance = json.loads(ck.h5.attrs["streamavg"])
     assert provenance == {
         "streamavg": __version__,
@@ -405,7 +405,7 @@ def test_inspect_recognises_content_not_extension(checkpoints, tmp_path, capsys)
     assert code == 0
     head = re.fullmatch(
         rf"{re.escape(str(disguised))}: keras, (\d+) tensors, ([\d,]+) bytes "
-        r"\(a [\d,]+-byte HDF5 file\)",
+        r"\([\d,]+ bytes on disk\)",
         lines[0],
     )
     parts = [re.fullmatch(r"\w+: (\d+) tensors?, ([\d,]+) bytes", line) for line in lines[-2:]]
@@ -547,7 +547,7 @@ def test_chunked_compressed_checkpoints_average_like_contiguous_ones(case_copy, 
     packed.mkdir()
     for p in files(d):
         with h5py.File(p) as src, h5py.File(packed / p.name, "w") as dst:
-            for name in Checkpoint(p, optimizer=True).tensors:
+            for name in open_checkpoint(p, optimizer=True).tensors:
                 data = src[name][()]
                 chunked = {"chunks": data.shape, "compression": "gzip"} if data.ndim else {}
                 dst.create_dataset(name, data=data, **chunked)
@@ -563,7 +563,7 @@ def test_explicit_weights_on_the_newest_reproduce_it(case_copy, tmp_path, capsys
     d = case_copy("k3-keras")
     out = tmp_path / "avg.keras"
     assert run(capsys, d, "--weights", "0,0,0,0,2", "-o", out)[0] == 0
-    with Checkpoint(out) as avg, Checkpoint(files(d)[-1]) as newest:
+    with open_checkpoint(out) as avg, open_checkpoint(files(d)[-1]) as newest:
         assert json.loads(avg.h5.attrs["streamavg"])["weights"] == [0, 0, 0, 0, 1]
         for name in newest.tensors:
             assert np.array_equal(avg.h5[name][()], newest.h5[name][()]), name
@@ -616,7 +616,7 @@ def test_checkpoints_in_epoch_folders_get_their_default_output_beside_the_folder
     code, stdout, _ = run(capsys, "ckpts", "-q")
     out = Path("ckpts/averaged/epoch_5_model.avg-equal-n5.keras")
     assert (code, stdout.split(" in ")[0]) == (0, f"averaged 5 files (equal) into {out}")
-    with Checkpoint(out) as ck:
+    with open_checkpoint(out) as ck:
         sources = json.loads(ck.h5.attrs["streamavg"])["files"]
     assert sources == [f"epoch_{i}/model.keras" for i in range(1, 6)]
     code, _, err = run(capsys, "ckpts", "-q", "--dry-run", "--overwrite")
@@ -635,5 +635,5 @@ def test_inspect_refuses_a_fifo_and_a_directory_at_once(tmp_path, capsys):
     assert run(capsys, "inspect", tmp_path) == (
         1,
         "",
-        f"streamavg: error: {tmp_path}: is a directory, not a file\n",
+        f"streamavg: error: {tmp_path}: is a directory, not a checkpoint\n",
     )

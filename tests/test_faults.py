@@ -23,7 +23,8 @@ from conftest import files, snapshot
 
 import streamavg
 from streamavg.cli import main
-from streamavg.formats import WEIGHTS_MEMBER, Checkpoint
+from streamavg.formats import open_checkpoint
+from streamavg.formats.keras_zip import WEIGHTS_MEMBER
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 LINKS = 80  # hard links to one real checkpoint: a run that lasts a while, at no disk cost
@@ -108,7 +109,7 @@ def test_sigint_and_sigterm_remove_the_temporary_file(slow, tmp_path, sig):
 
 
 def need(path: Path) -> int:
-    with Checkpoint(path) as ck:
+    with open_checkpoint(path) as ck:
         return sum(t.nbytes for t in ck.tensors.values() if t.averaged)
 
 

@@ -13,7 +13,7 @@ from conftest import CASES, files, ulp_distance
 from make_checkpoints import KERAS2, KERAS3, build, data
 
 import streamavg
-from streamavg.formats import Checkpoint
+from streamavg.formats import open_checkpoint
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 keras = pytest.importorskip("keras")
@@ -118,7 +118,7 @@ def test_every_format_agrees_with_np_average(checkpoints, tmp_path, case):
             continue
         want = np.average(stack.astype(np.float64), axis=0, weights=result.weights)
         assert ulp_distance(value, want.astype(value.dtype)) == 0, name
-    with Checkpoint(out) as averaged, Checkpoint(paths[-1]) as newest:
+    with open_checkpoint(out) as averaged, open_checkpoint(paths[-1]) as newest:
         assert json.loads(averaged.h5.attrs["streamavg"])["files"] == [p.name for p in paths]
         assert "streamavg" not in newest.h5.attrs
 
@@ -130,8 +130,10 @@ def test_float16_and_bfloat16_are_stored_as_keras_stores_them(checkpoints, tmp_p
         out = tmp_path / f"{case}.{'weights.h5' if 'weights' in case else 'h5'}"
         streamavg.average([checkpoints / case], output=out)
         with h5py.File(files(checkpoints / case)[-1]) as src, h5py.File(out) as dst:
-            kernel = next(n for n in Checkpoint(out).tensors if n.endswith(("vars/0", "kernel")))
-            assert Checkpoint(out).tensors[kernel].dtype.name == dtype
+            kernel = next(
+                n for n in open_checkpoint(out).tensors if n.endswith(("vars/0", "kernel"))
+            )
+            assert open_checkpoint(out).tensors[kernel].dtype.name == dtype
             assert dst[kernel].id.get_type() == src[kernel].id.get_type()
             assert dict(dst[kernel].attrs) == dict(src[kernel].attrs)
 

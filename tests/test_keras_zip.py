@@ -10,8 +10,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import streamavg
-from streamavg import keras_zip
-from streamavg.formats import WEIGHTS_MEMBER
+from streamavg.formats import keras_zip
+from streamavg.formats.keras_zip import WEIGHTS_MEMBER
 
 
 def test_keras_output_is_a_valid_zip_with_the_weights_in_place(checkpoints, tmp_path):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 
 import streamavg
-from streamavg import output
+from streamavg import publish
 
 CASES = {"k3-keras": ".keras", "k3-h5": ".h5", "k3-weights": ".weights.h5", "k2-h5": ".h5"}
 
@@ -24,7 +24,7 @@ def test_the_same_inputs_give_the_same_bytes(checkpoints, tmp_path, monkeypatch)
 
     first = run("first")
     time.sleep(1.1)
-    monkeypatch.setattr(output, "FLUSH_BYTES", 1)
+    monkeypatch.setattr(publish, "FLUSH_BYTES", 1)
     second = run("second")
     for case in CASES:
         assert first[case] == second[case], case

@@ -338,7 +338,8 @@ def test_names_of_different_kinds_are_refused(tmp_path):
 
 @pytest.fixture
 def epoch_dirs(tmp_path: Path) -> Path:
-    """Checkpoints saved as directories named by epoch, `epoch_{epoch}/model.weights.h5`."""
+    """Unzipped `.keras` models in folders named by epoch: `epoch_{epoch}/model.weights.h5`
+    beside `config.json`."""
     for epoch in (10, 9, 11):
         (tmp_path / f"epoch_{epoch}").mkdir()
         touch(tmp_path / f"epoch_{epoch}", "model.weights.h5", "config.json")
@@ -346,14 +347,20 @@ def epoch_dirs(tmp_path: Path) -> Path:
 
 
 def test_directories_named_by_epoch(epoch_dirs):
-    want = [epoch_dirs / f"epoch_{e}" / "model.weights.h5" for e in (9, 10, 11)]
+    """The folders are the checkpoints, found or named; their weights files named alone
+    are taken as weights files, in the folders' order."""
+    folders = [epoch_dirs / f"epoch_{e}" for e in (9, 10, 11)]
     as_files = sorted(epoch_dirs.glob("*/model.weights.h5"))  # ckpts/*/model.weights.h5
     as_dirs = sorted(epoch_dirs.glob("epoch_*"))  # ckpts/epoch_*
-    for inputs in (as_files, as_dirs, [epoch_dirs]):
+    for inputs, want in [
+        (as_files, [f / "model.weights.h5" for f in folders]),
+        (as_dirs, folders),
+        ([epoch_dirs], folders),
+    ]:
         sel = selection(inputs)
         assert sel.paths == tuple(want)
         assert (sel.by_mtime, sel.notes) == (False, ())
-    assert selection([epoch_dirs], epochs="10:").paths == tuple(want[1:])
+    assert selection([epoch_dirs], epochs="10:").paths == tuple(folders[1:])
 
 
 # -- templates ----------------------------------------------------------------------------

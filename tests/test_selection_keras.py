@@ -15,7 +15,7 @@ from training import FIT, VAL, X, Y, make_model
 
 import streamavg
 from streamavg.cli import main
-from streamavg.formats import Checkpoint
+from streamavg.formats import open_checkpoint
 from streamavg.output import destination
 from streamavg.select import select_checkpoints
 
@@ -127,7 +127,7 @@ def test_dry_run_prints_and_touches_nothing(fit, capsys):
     code, out, err = run(capsys, first, "--last", "3", "--scheme", "linear", "--dry-run")
     assert code == 0
     files = select_checkpoints([first], last=3).paths
-    with Checkpoint(files[-1]) as newest:
+    with open_checkpoint(files[-1]) as newest:
         dest = destination(None, newest, "linear", files)
     weights = streamavg.scheme_weights("linear", 3)
     assert out.splitlines() == [
@@ -157,15 +157,18 @@ def test_earlier_output_in_the_folder(fit, tmp_path, capsys):
 @pytest.mark.parametrize("case", ["dirs", "unzipped"])
 def test_directories_named_by_epoch(fit, case):
     """`epoch_{epoch}/model.weights.h5` from ModelCheckpoint, `ckpt-{epoch}/` from
-    model.save(zipped=False): ordered by the directories' epochs, however given."""
+    model.save(zipped=False): ordered by the directories' epochs, however given. An
+    unzipped model is its folder, unless its weights file is named alone."""
     prefix = {"dirs": "epoch_", "unzipped": "ckpt-"}[case]
-    want = tuple(fit / case / f"{prefix}{e}" / "model.weights.h5" for e in range(1, EPOCHS + 1))
+    folders = tuple(fit / case / f"{prefix}{e}" for e in range(1, EPOCHS + 1))
+    weights = tuple(f / "model.weights.h5" for f in folders)
+    found = weights if case == "dirs" else folders
     as_files = sorted((fit / case).glob("*/model.weights.h5"))
     as_dirs = sorted((fit / case).iterdir())
-    for inputs in (as_files, as_dirs, [fit / case]):
+    for inputs, want in [(as_files, weights), (as_dirs, found), ([fit / case], found)]:
         sel = select_checkpoints(inputs)
         assert (sel.paths, sel.by_mtime, sel.notes) == (want, False, ())
-    assert select_checkpoints([fit / case], epochs="9:").paths == want[-2:]
+    assert select_checkpoints([fit / case], epochs="9:").paths == found[-2:]
 
 
 def test_batch_checkpoints(fit):

@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 
 import streamavg
 from streamavg.cli import main
-from streamavg.formats import Checkpoint
+from streamavg.formats import open_checkpoint
 from streamavg.sweeps import LastN
 
 ROOT = Path(__file__).parent.parent
@@ -143,7 +143,7 @@ def test_sweep_command_scores_every_n_and_writes_the_best(tutorial, tmp_path, ca
     best = max(results["linear"], key=lambda n: (results["linear"][n], -int(n)))
     assert printed[6] == f"best: the last {best} (accuracy {results['linear'][best]:.4f})"
     assert printed[7] == f"wrote {dest}"
-    provenance = Checkpoint(dest).h5.attrs["streamavg"]
+    provenance = open_checkpoint(dest).h5.attrs["streamavg"]
     assert '"scheme": "linear"' in provenance and provenance.count(".h5") == int(best)
 
 

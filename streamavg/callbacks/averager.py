@@ -20,7 +20,7 @@ import numpy as np
 from keras import ops
 
 from .._version import __version__
-from ..output import atomic_output
+from ..publish import atomic_output
 
 VALIDATE = ("average", "raw", "both")
 FINAL_WEIGHTS = ("average", "raw")

@@ -1,45 +1,52 @@
-"""Thin adapters over the four Keras checkpoint containers, recognised by content.
+"""HDF5 checkpoints: Keras 3 `.weights.h5`, and legacy `.h5` from Keras 2 and 3 (full
+models and weights only), told apart by content. Also the HDF5 image inside a `.keras`
+archive or folder, which `keras_zip` and `keras_dir` open through this reader.
 
-A :class:`Checkpoint` lists the tensors of one file (name, shape, dtype, which part
-of the model they belong to) and reads blocks of them into caller buffers.
-Nothing here builds a model or imports Keras.
+The reader lists datasets in one C-level visit and reads contiguous data with `os.preadv`
+straight from the file; the writer copies the template's groups and attributes and writes
+fresh tensors at their file offsets. Nothing here builds a model or imports Keras.
 """
 
 from __future__ import annotations
 
 import errno
 import functools
-import io
 import itertools
+import json
 import math
 import os
-import re
-import stat
 import struct
-import zipfile
+from collections.abc import Collection, Iterator
+from contextlib import AbstractContextManager, contextmanager, suppress
 from pathlib import Path
-from typing import BinaryIO, NamedTuple
+from typing import BinaryIO
 
 import h5py
 import numpy as np
 
-from .blocks import flat_start
-from .errors import StreamavgError
+from ..blocks import flat_start
+from ..errors import StreamavgError, reason, system_errno
+from ..publish import OffsetWriter
+from .base import PROVENANCE_KEY, Reader, Tensor, Write, check_same, identity, stat_of
 
-#: The containers, by the name `inspect` prints, with the suffix Keras expects of each.
 SUFFIXES = {
-    "keras": ".keras",  # Keras 3 zip: config.json, metadata.json, model.weights.h5
     "keras-weights": ".weights.h5",  # Keras 3 save_weights
     "legacy-h5": ".h5",  # model.save("x.h5"), Keras 2 and 3
     "legacy-weights": ".h5",  # Keras 2 save_weights("x.h5")
 }
-WEIGHTS_MEMBER = "model.weights.h5"
-_HDF5_MAGIC = b"\x89HDF\r\n\x1a\n"
-_ZIP_MAGIC = b"PK\x03\x04"
+#: The names Keras reads each under (`load_weights` takes `.weights.h5` for Keras 3
+#: weights, so a legacy file must not be named so).
+ACCEPTED = {
+    "keras-weights": (".weights.h5",),
+    "legacy-h5": (".h5", ".hdf5"),
+    "legacy-weights": (".h5", ".hdf5"),
+}
+MAGIC = b"\x89HDF\r\n\x1a\n"
 #: The root group holding optimizer state, and the one holding the model where not the root.
 OPTIMIZER_GROUP = {
     "keras": "optimizer",
     "keras-weights": "optimizer",
+    "keras-dir": "optimizer",
     "legacy-h5": "optimizer_weights",
 }
 _MODEL_GROUP = {"legacy-h5": "model_weights"}
@@ -53,26 +60,6 @@ HEAP_WINDOW = 1 << 20  # bytes of metadata searched at a time for global heaps
 MAX_EXPANSION = 1100  # deflate expands at most about 1032:1; more than that is a bomb or a lie
 
 
-class Tensor(NamedTuple):
-    """One stored tensor. `dtype` is the logical dtype (bfloat16 for Keras's opaque 2-byte data)."""
-
-    name: str
-    shape: tuple[int, ...]
-    dtype: np.dtype
-    part: str  # "model", "optimizer" or "other"
-    stored: np.dtype  # as h5py reads it: bfloat16 is opaque "V2"
-
-    @property
-    def averaged(self) -> bool:
-        """Floating-point model weights can be averaged; the rest is compared, copied or
-        dropped (see `engine.to_average`)."""
-        return self.part == "model" and self.dtype.kind in "fV"
-
-    @property
-    def nbytes(self) -> int:
-        return math.prod(self.shape) * self.dtype.itemsize
-
-
 def logical_dtype(stored: np.dtype) -> np.dtype:
     """The dtype Keras meant: untagged 2-byte opaque data is bfloat16 in every Keras format."""
     if stored.kind == "V" and stored.itemsize == 2 and stored.names is None:
@@ -82,139 +69,26 @@ def logical_dtype(stored: np.dtype) -> np.dtype:
     return stored
 
 
-class _Window(io.RawIOBase):
-    """Read-only bytes [start, start+size) of a file: an uncompressed zip member, in place."""
-
-    def __init__(self, raw: BinaryIO, start: int, size: int) -> None:
-        self._raw, self.start, self._size, self._pos = raw, start, size, 0
-
-    def fileno(self) -> int:
-        return self._raw.fileno()
-
-    def readable(self) -> bool:
-        return True
-
-    def seekable(self) -> bool:
-        return True
-
-    def tell(self) -> int:
-        return self._pos
-
-    def seek(self, pos: int, whence: int = os.SEEK_SET) -> int:
-        base = {os.SEEK_SET: 0, os.SEEK_CUR: self._pos, os.SEEK_END: self._size}[whence]
-        self._pos = base + pos
-        return self._pos
-
-    def readinto(self, buf) -> int:
-        n = max(0, min(len(buf), self._size - self._pos))
-        if not n or self._pos < 0:  # past the member's end (or a nonsense position): nothing
-            return 0
-        got = os.preadv(self._raw.fileno(), [memoryview(buf)[:n]], self.start + self._pos)
-        self._pos += got
-        return got
-
-    def close(self) -> None:
-        self._raw.close()
-        super().close()
+def claims(path: Path, head: bytes) -> bool:
+    return head.startswith(MAGIC)
 
 
-def _open_member(path: Path) -> tuple[BinaryIO, int]:
-    """Open the weights member of a `.keras` zip in place, without extracting it."""
+def open_checkpoint(path: Path, *, optimizer: bool = False) -> Checkpoint:
+    return Checkpoint(path, optimizer=optimizer)
+
+
+def averaged(source: Path | BinaryIO) -> bool:
+    """Whether the HDF5 file `source` is an earlier streamavg output: only the provenance
+    attribute's presence is checked, nothing is decoded. A file that cannot be read says
+    no here, and is refused with its reason when opened."""
     try:
-        with zipfile.ZipFile(path) as zf:
-            members = zf.infolist()
-    except (zipfile.BadZipFile, OSError, EOFError, ValueError) as e:
-        raise StreamavgError(f"{path}: corrupt .keras archive ({e})") from None
-    check_members(path, members)
-    info = next((m for m in members if m.filename == WEIGHTS_MEMBER), None)
-    if info is None:
-        raise StreamavgError(f"{path}: .keras archive has no {WEIGHTS_MEMBER}")
-    if info.compress_type != zipfile.ZIP_STORED:  # not as Keras writes it; decompress on the fly
-        return zipfile.ZipFile(path).open(info), info.file_size
-    raw = open(path, "rb", buffering=0)  # noqa: SIM115 - owned by the returned window
-    header = os.pread(raw.fileno(), 30, info.header_offset)
-    if len(header) < 30 or header[:4] != _ZIP_MAGIC:
-        raw.close()
-        raise StreamavgError(f"{path}: corrupt .keras archive (bad local header)")
-    name_len, extra_len = struct.unpack("<HH", header[26:30])
-    start = info.header_offset + 30 + name_len + extra_len
-    if start + info.file_size > os.fstat(raw.fileno()).st_size:
-        raw.close()
-        raise StreamavgError(f"{path}: corrupt .keras archive (truncated {WEIGHTS_MEMBER})")
-    return _Window(raw, start, info.file_size), info.file_size
-
-
-def check_members(path: Path, members: list[zipfile.ZipInfo]) -> None:
-    """Refuse a hostile archive: duplicate or escaping names, or sizes no data could have."""
-    seen: set[str] = set()
-    for m in members:
-        name = m.filename
-        if name in seen:
-            raise StreamavgError(f"{path}: {name}: duplicate member in .keras archive")
-        if name.startswith(("/", "\\")) or ".." in name.replace("\\", "/").split("/"):
-            raise StreamavgError(f"{path}: {name}: member path escapes the .keras archive")
-        seen.add(name)
-        stored = m.compress_type == zipfile.ZIP_STORED
-        if m.file_size > (m.compress_size if stored else MAX_EXPANSION * max(1, m.compress_size)):
-            raise StreamavgError(
-                f"{path}: {name}: declares {m.file_size:,} bytes from {m.compress_size:,} "
-                "(a zip bomb?)"
-            )
-
-
-PROVENANCE_ATTR = "streamavg"  # the root attribute of the weights file of every output
-
-
-def averaged_by_streamavg(path: str | os.PathLike) -> bool:
-    """Whether `path` is an earlier streamavg output (its weights carry our provenance).
-
-    Only the attribute's presence is checked, nothing is decoded; a file that cannot be
-    read as a checkpoint says no here and is refused with its reason when opened.
-    """
-    path = Path(path)
-    try:
-        magic = _sniff(path)
-        member = _open_member(path)[0] if magic.startswith(_ZIP_MAGIC) else None
-    except StreamavgError:
-        return False
-    try:
-        with h5py.File(member or path, "r") as h5:
-            return PROVENANCE_ATTR in h5.attrs
+        with h5py.File(source, "r") as h5:
+            return PROVENANCE_KEY in h5.attrs
     except HDF5_ERRORS:
         return False
-    finally:
-        if member is not None:
-            member.close()
 
 
-def require_regular_file(path: str | os.PathLike) -> None:
-    """Refuse what is not a regular file before opening it: a FIFO or a device would
-    block the read or never end, and a directory is not one checkpoint."""
-    path = Path(path)
-    try:
-        st = path.stat()
-    except FileNotFoundError:
-        raise StreamavgError(f"{path}: no such file") from None
-    except OSError as e:
-        raise StreamavgError(f"{path}: cannot read ({e.strerror})") from None
-    if stat.S_ISDIR(st.st_mode):
-        raise StreamavgError(f"{path}: is a directory, not a file")
-    if not stat.S_ISREG(st.st_mode):
-        raise StreamavgError(f"{path}: not a regular file (a device, FIFO or socket)")
-
-
-def _sniff(path: Path) -> bytes:
-    require_regular_file(path)
-    try:
-        with open(path, "rb") as f:
-            return f.read(8)
-    except OSError as e:
-        raise StreamavgError(f"{path}: cannot read ({e.strerror})") from None
-
-
-def _classify(h5: h5py.File, zipped: bool) -> str | None:
-    if zipped:
-        return "keras"
+def _classify(h5: h5py.File) -> str | None:
     if "model_config" in h5.attrs or "model_weights" in h5:
         return "legacy-h5"
     if "layer_names" in h5.attrs:
@@ -231,37 +105,42 @@ def _part(fmt: str, name: str) -> str:
     return "model" if root == _MODEL_GROUP.get(fmt, root) else "other"
 
 
-class Checkpoint:
-    """An open checkpoint: its format, its tensors, and block reads into caller buffers.
+class Checkpoint(Reader):
+    """An open HDF5 checkpoint: its format, its tensors, and block reads into buffers.
 
     Only the model's tensors are listed unless `optimizer` is true. Contiguous data in
     native byte order (all that Keras writes) is read with `os.preadv` straight from the
-    file, without h5py's per-call overhead and without holding the GIL.
+    file, without h5py's per-call overhead and without holding the GIL. `image` is the
+    HDF5 image inside a `.keras` archive: a file object, with the fd and offset of its
+    bytes if it is stored in place (see `keras_zip`); `format` then names that container.
 
-    >>> with Checkpoint("ckpts/model_10.keras") as ck:  # doctest: +SKIP
+    >>> with Checkpoint("ckpts/model_10.weights.h5") as ck:  # doctest: +SKIP
     ...     ck.format, list(ck.tensors)[:1]
-    ('keras', ['layers/dense/vars/0'])
+    ('keras-weights', ['layers/dense/vars/0'])
     """
 
-    def __init__(self, path: str | os.PathLike, *, optimizer: bool = False) -> None:
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        *,
+        optimizer: bool = False,
+        image: tuple[BinaryIO, int | None, int, int] | None = None,
+        file: Path | None = None,
+        format: str | None = None,
+    ) -> None:
         self.path = Path(path)
-        magic = _sniff(self.path)
-        st = self.path.stat()
-        self._identity = _identity(st)
-        zipped = magic.startswith(_ZIP_MAGIC)
-        if not zipped and magic != _HDF5_MAGIC:
-            raise StreamavgError(f"{self.path}: not a Keras checkpoint (neither HDF5 nor .keras)")
+        self._file = file or self.path  # the HDF5 file, inside folder `path` for keras_dir
+        st = stat_of(self._file)
+        self._identity = identity(st)
         self._member: BinaryIO | None = None
         self._fd: int | None = None  # where fast reads go, with the HDF5 image at _base
         self._base = 0
-        if zipped:
-            self._member, self.size = _open_member(self.path)
-            if isinstance(self._member, _Window):
-                self._fd, self._base = self._member.fileno(), self._member.start
+        if image is not None:
+            self._member, self._fd, self._base, self.size = image
         else:
             self.size = st.st_size
         try:
-            self.h5 = h5py.File(self._member or self.path, "r")
+            self.h5 = h5py.File(self._member or self._file, "r")
         except OSError as e:
             self._close_member()
             if "unable to lock file" in str(e) and system_errno(e) == errno.EWOULDBLOCK:
@@ -269,14 +148,14 @@ class Checkpoint:
                     f"{self.path}: open for writing in another process (still being saved?)"
                 ) from None
             raise StreamavgError(f"{self.path}: corrupt HDF5 ({reason(e)})") from None
-        if not zipped:
-            self._fd = os.open(self.path, os.O_RDONLY)
+        if image is None:
+            self._fd = os.open(self._file, os.O_RDONLY)
         self.tensors: dict[str, Tensor] = {}
         self._stored: dict[str, str] = {}  # names in this file, where `rename` changed them
         self._datasets: dict[str, h5py.h5d.DatasetID] = {}
         self._offsets: dict[str, int] = {}  # absolute file offsets of contiguous native data
         try:
-            fmt = _classify(self.h5, zipped)
+            fmt = format or _classify(self.h5)
             if fmt is None:
                 raise StreamavgError(f"{self.path}: HDF5 file holds no Keras weights")
             self.format = fmt
@@ -469,18 +348,16 @@ class Checkpoint:
                 f"{self.path}: {self.stored_name(name)}: unreadable ({reason(e)})"
             ) from None
 
-    def read_whole(self, name: str) -> np.ndarray:
-        """All of tensor `name`, in its logical dtype."""
-        t = self.tensors[name]
-        out = np.empty(t.shape, t.stored)
-        self.read(name, (), out)
-        return out.view(t.dtype)
-
-    def release(self) -> None:
-        """Close the file between reads, for more checkpoints than open files allow.
-
-        Each read then reopens it by path and checks that it is still the same file.
-        """
+    def settle(self, release: bool) -> None:
+        """Close the HDF5 handle if every model tensor can be read straight from the file;
+        with `release`, close the file too, and reopen it by path for each read, checking
+        that it is still the same file."""
+        model = (n for n, t in self.tensors.items() if t.part == "model" and t.nbytes)
+        if all(n in self._offsets for n in model):
+            self.h5.close()
+            self._datasets.clear()
+        if not release:
+            return
         if self._datasets:
             raise StreamavgError(
                 f"{self.path}: too many checkpoints for the open-file limit, and this one is "
@@ -490,31 +367,27 @@ class Checkpoint:
         self._fd = None
 
     def _reopen(self) -> int:
-        fd = os.open(self.path, os.O_RDONLY)
+        fd = os.open(self._file, os.O_RDONLY)
         try:
-            self.check_unchanged(os.fstat(fd))
+            check_same(self._file, self._identity, os.fstat(fd))
         except StreamavgError:
             os.close(fd)
             raise
         return fd
 
-    def check_unchanged(self, st: os.stat_result | None = None) -> None:
-        """Refuse a file that changed since it was opened: it is still being written."""
-        try:
-            st = st or self.path.stat()
-        except OSError:
-            raise StreamavgError(f"{self.path}: removed while being averaged") from None
-        if _identity(st) != self._identity:
-            raise StreamavgError(
-                f"{self.path}: changed while being averaged (still being written?)"
-            )
+    def check_unchanged(self) -> None:
+        check_same(self._file, self._identity)
 
-    def drop_hdf5(self) -> None:
-        """Close the HDF5 handle if every model tensor can be read straight from the file."""
-        model = (n for n, t in self.tensors.items() if t.part == "model" and t.nbytes)
-        if all(n in self._offsets for n in model):
-            self.h5.close()
-            self._datasets.clear()
+    @property
+    def provenance(self) -> dict | None:
+        self.check_heaps()  # before an attribute is decoded
+        value = self.h5.attrs.get(PROVENANCE_KEY)
+        return None if value is None else json.loads(_text(value))
+
+    def write_into(
+        self, tmp: Path, fresh: Collection[str], *, optimizer: bool, provenance: dict
+    ) -> AbstractContextManager[Write]:
+        return h5_like(self, tmp, fresh, optimizer=optimizer, provenance=provenance)
 
     def _close_member(self) -> None:
         if self._member is not None:
@@ -526,11 +399,9 @@ class Checkpoint:
             os.close(self._fd)
         self._close_member()
 
-    def __enter__(self) -> Checkpoint:
-        return self
 
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+def _text(value: object) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 def _names(group: h5py.Group, key: str) -> list[str]:
@@ -554,18 +425,91 @@ def _supported(stored: np.dtype) -> bool:
     )
 
 
-def _identity(st: os.stat_result) -> tuple[int, ...]:
-    """What must not change while a file is being read: which file, its size, its mtime."""
-    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
+@contextmanager
+def h5_like(
+    template: Checkpoint,
+    path: Path,
+    fresh: Collection[str],
+    *,
+    optimizer: bool,
+    provenance: dict,
+    userblock: int = 0,
+    checksums: dict[int, tuple[int, int]] | None = None,
+) -> Iterator[Write]:
+    """Write an HDF5 file shaped like `template`; yield `write(name, values, index=())`
+    that fills the `fresh` tensors, whole or a block (from `blocks.blocks`) at a time.
+
+    Groups, attributes, dtypes and storage layout are copied, and so are the other tensors
+    with their data; the optimizer group is left out unless `optimizer` is true. Contiguous
+    fresh tensors get their file space up front and are written with `os.pwritev`, which
+    runs on any thread without the GIL; others go through h5py. The first `userblock`
+    bytes are left for the caller (a `.keras` archive's zip header). If `checksums` is
+    given, it receives the CRC-32 of every range written with `os.pwritev`, by offset:
+    (size, crc), so a `.keras` archive need not read them back.
+    """
+    fresh = set(fresh)
+    created: dict[str, h5py.Dataset] = {}
+    offsets: dict[str, int] = {}
+    dropped = None if optimizer else OPTIMIZER_GROUP.get(template.format)
+
+    def replicate(src: h5py.Group, dst: h5py.Group) -> None:
+        _copy_attrs(src, dst)
+        for key, obj in src.items():
+            name = obj.name[1:]
+            if name == dropped:
+                continue
+            if isinstance(obj, h5py.Group):
+                replicate(obj, dst.create_group(key))
+            elif name in fresh:
+                dcpl = obj.id.get_create_plist()
+                dcpl.set_obj_track_times(False)  # no timestamps: the same inputs, the same bytes
+                direct = dcpl.get_layout() == h5py.h5d.CONTIGUOUS and obj.dtype.isnative
+                if direct:  # allocate now, and never let HDF5 write fill values over our data
+                    dcpl.set_alloc_time(h5py.h5d.ALLOC_TIME_EARLY)
+                    dcpl.set_fill_time(h5py.h5d.FILL_TIME_NEVER)
+                dsid = h5py.h5d.create(
+                    dst.id, key.encode(), obj.id.get_type(), obj.id.get_space(), dcpl=dcpl
+                )
+                created[name] = h5py.Dataset(dsid)
+                _copy_attrs(obj, created[name])
+                offset = dsid.get_offset() if direct else None
+                if offset is not None:
+                    offsets[name] = offset
+            else:
+                src.copy(obj, dst, key)
+
+    out = h5py.File(path, "w", userblock_size=userblock)
+    try:
+        try:
+            template.check_heaps()  # before any of its attributes is decoded
+            replicate(template.h5, out)
+        except HDF5_ERRORS as e:
+            if system_errno(e):
+                raise  # the output could not be written
+            raise StreamavgError(f"{template.path}: corrupt HDF5 ({reason(e)})") from None
+        out.attrs[PROVENANCE_KEY] = json.dumps(provenance)
+        writer = OffsetWriter(path, checksums)
+        try:
+
+            def write(name: str, values: np.ndarray, index: tuple[slice, ...] = ()) -> None:
+                ds = created[name]
+                data = np.ascontiguousarray(values).view(ds.dtype)
+                offset = offsets.get(name)
+                if offset is None:
+                    ds.write_direct(data, dest_sel=index or None)
+                else:
+                    writer.write(offset + flat_start(ds.shape, index) * data.itemsize, data)
+
+            yield write
+        finally:
+            writer.close()
+    except BaseException:
+        with suppress(*HDF5_ERRORS):  # a close that fails too must not hide why we stopped
+            out.close()
+        raise
+    out.close()
 
 
-def system_errno(e: BaseException) -> int | None:
-    """The operating system's error number behind `e`, also when HDF5 wraps it in text."""
-    found = re.search(r"errno = (\d+)", str(e))
-    return getattr(e, "errno", None) or (int(found[1]) if found else None)
-
-
-def reason(e: BaseException) -> str:
-    """The last clause of an HDF5 error, which names the cause without the call stack."""
-    text = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
-    return text.rstrip(")").split("(", 1)[-1].strip() if "(" in text else text
+def _copy_attrs(src: h5py.HLObject, dst: h5py.HLObject) -> None:
+    for key in src.attrs:
+        dst.attrs.create(key, src.attrs[key], dtype=src.attrs.get_id(key).dtype)

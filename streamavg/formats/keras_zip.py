@@ -1,0 +1,297 @@
+"""Keras 3 `.keras` archives: the weights member read in place, and an output archive
+built around an HDF5 file in place, so the weights are never copied.
+
+The member is stored uncompressed, so the reader opens it as a window on the archive's
+file (`_Window`) and reads tensors at their offsets; a compressed member (not as Keras
+writes it) is decompressed on the fly.
+
+On output, the HDF5 file is written with a user block of HEADER bytes, which HDF5 leaves
+alone. The weights member's zip header fills that block, so the HDF5 image itself is the
+member's data; the template's other members and the central directory follow it.
+zipfile cannot adopt bytes already in place, hence these few records by hand. Every
+record carries ZIP64 sizes, so one layout serves small and multi-gigabyte archives, and
+every test reads it.
+The member's CRC-32 is put together from the CRCs of the pieces as they were written
+(`crc32_combine`), so a multi-gigabyte image is not read back for it.
+"""
+
+from __future__ import annotations
+
+import functools
+import io
+import os
+import struct
+import zipfile
+import zlib
+from collections.abc import Collection, Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
+from typing import BinaryIO
+
+from ..errors import StreamavgError
+from . import hdf5
+from .base import Write
+
+SUFFIXES = {"keras": ".keras"}  # Keras 3 zip: config.json, metadata.json, model.weights.h5
+ACCEPTED = {"keras": (".keras",)}
+MAGIC = b"PK\x03\x04"
+WEIGHTS_MEMBER = "model.weights.h5"
+HEADER = 512  # the HDF5 user block: the smallest HDF5 allows, room for one zip header
+_ZIP64, _PADDING = 0x0001, 0x5341  # extra-field ids: ZIP64 sizes; padding ("SA", ignored)
+_VERSION = 45  # ZIP64
+_MADE_BY = 3 << 8 | _VERSION  # on Unix: the external attributes are a file mode
+_UTF8 = 0x800  # flag bit 11: the name is UTF-8
+_FULL = 0xFFFFFFFF  # a 32-bit field whose value is in the ZIP64 extra field
+_POLY = 0xEDB88320  # CRC-32's polynomial, bit-reversed as zlib computes it
+
+
+class Archive(hdf5.Checkpoint):
+    """An open `.keras` archive: the HDF5 reader over its weights member, in place."""
+
+    def __init__(self, path: str | os.PathLike, *, optimizer: bool = False) -> None:
+        member, size = _open_member(Path(path))
+        fd, start = (member.fileno(), member.start) if isinstance(member, _Window) else (None, 0)
+        super().__init__(path, optimizer=optimizer, image=(member, fd, start, size), format="keras")
+
+    @contextmanager
+    def write_into(
+        self, tmp: Path, fresh: Collection[str], *, optimizer: bool, provenance: dict
+    ) -> Iterator[Write]:
+        checksums: dict[int, tuple[int, int]] = {}
+        with hdf5.h5_like(
+            self,
+            tmp,
+            fresh,
+            optimizer=optimizer,
+            provenance=provenance,
+            userblock=HEADER,
+            checksums=checksums,
+        ) as write:
+            yield write
+        finish(self.path, tmp, checksums)
+
+
+def claims(path: Path, head: bytes) -> bool:
+    return head.startswith(MAGIC)
+
+
+def open_checkpoint(path: Path, *, optimizer: bool = False) -> Archive:
+    return Archive(path, optimizer=optimizer)
+
+
+def averaged(path: Path) -> bool:
+    """Whether the archive at `path` is an earlier streamavg output (see `hdf5.averaged`)."""
+    try:
+        member = _open_member(path)[0]
+    except StreamavgError:
+        return False
+    with member:
+        return hdf5.averaged(member)
+
+
+class _Window(io.RawIOBase):
+    """Read-only bytes [start, start+size) of a file: an uncompressed zip member, in place."""
+
+    def __init__(self, raw: BinaryIO, start: int, size: int) -> None:
+        self._raw, self.start, self._size, self._pos = raw, start, size, 0
+
+    def fileno(self) -> int:
+        return self._raw.fileno()
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seek(self, pos: int, whence: int = os.SEEK_SET) -> int:
+        base = {os.SEEK_SET: 0, os.SEEK_CUR: self._pos, os.SEEK_END: self._size}[whence]
+        self._pos = base + pos
+        return self._pos
+
+    def readinto(self, buf) -> int:
+        n = max(0, min(len(buf), self._size - self._pos))
+        if not n or self._pos < 0:  # past the member's end (or a nonsense position): nothing
+            return 0
+        got = os.preadv(self._raw.fileno(), [memoryview(buf)[:n]], self.start + self._pos)
+        self._pos += got
+        return got
+
+    def close(self) -> None:
+        self._raw.close()
+        super().close()
+
+
+def _open_member(path: Path) -> tuple[BinaryIO, int]:
+    """Open the weights member of a `.keras` zip in place, without extracting it."""
+    try:
+        with zipfile.ZipFile(path) as zf:
+            members = zf.infolist()
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError) as e:
+        raise StreamavgError(f"{path}: corrupt .keras archive ({e})") from None
+    check_members(path, members)
+    info = next((m for m in members if m.filename == WEIGHTS_MEMBER), None)
+    if info is None:
+        raise StreamavgError(f"{path}: .keras archive has no {WEIGHTS_MEMBER}")
+    if info.compress_type != zipfile.ZIP_STORED:  # not as Keras writes it; decompress on the fly
+        return zipfile.ZipFile(path).open(info), info.file_size
+    raw = open(path, "rb", buffering=0)  # noqa: SIM115 - owned by the returned window
+    header = os.pread(raw.fileno(), 30, info.header_offset)
+    if len(header) < 30 or header[:4] != MAGIC:
+        raw.close()
+        raise StreamavgError(f"{path}: corrupt .keras archive (bad local header)")
+    name_len, extra_len = struct.unpack("<HH", header[26:30])
+    start = info.header_offset + 30 + name_len + extra_len
+    if start + info.file_size > os.fstat(raw.fileno()).st_size:
+        raw.close()
+        raise StreamavgError(f"{path}: corrupt .keras archive (truncated {WEIGHTS_MEMBER})")
+    return _Window(raw, start, info.file_size), info.file_size
+
+
+def check_members(path: Path, members: list[zipfile.ZipInfo]) -> None:
+    """Refuse a hostile archive: duplicate or escaping names, or sizes no data could have."""
+    seen: set[str] = set()
+    for m in members:
+        name = m.filename
+        if name in seen:
+            raise StreamavgError(f"{path}: {name}: duplicate member in .keras archive")
+        if name.startswith(("/", "\\")) or ".." in name.replace("\\", "/").split("/"):
+            raise StreamavgError(f"{path}: {name}: member path escapes the .keras archive")
+        seen.add(name)
+        stored = m.compress_type == zipfile.ZIP_STORED
+        if m.file_size > (
+            m.compress_size if stored else hdf5.MAX_EXPANSION * max(1, m.compress_size)
+        ):
+            raise StreamavgError(
+                f"{path}: {name}: declares {m.file_size:,} bytes from {m.compress_size:,} "
+                "(a zip bomb?)"
+            )
+
+
+def finish(template: Path, path: Path, written: Mapping[int, tuple[int, int]]) -> None:
+    """Make `path`, an HDF5 file written after a HEADER-byte user block, a `.keras` archive
+    holding it as the weights member, then `template`'s other members. `written` maps the
+    offset of byte ranges already checksummed to their (size, CRC-32); they are not read."""
+    try:
+        with zipfile.ZipFile(template) as src:
+            stamp = src.getinfo(WEIGHTS_MEMBER).date_time
+            others = [
+                (i.filename, i.date_time, src.read(i))
+                for i in src.infolist()
+                if i.filename != WEIGHTS_MEMBER
+            ]
+    except (zipfile.BadZipFile, OSError, EOFError, KeyError, ValueError) as e:
+        raise StreamavgError(f"{template}: corrupt .keras archive ({e})") from None
+    with open(path, "r+b") as f:
+        size = f.seek(0, 2) - HEADER
+        crc = _crc(f, HEADER, HEADER + size, written)
+        f.seek(0)
+        f.write(_local(WEIGHTS_MEMBER, crc, size, stamp, pad_to=HEADER))
+        entries = [(WEIGHTS_MEMBER, stamp, crc, size, 0)]
+        f.seek(0, 2)
+        for name, date_time, data in others:
+            entries.append((name, date_time, zlib.crc32(data), len(data), f.tell()))
+            f.write(_local(name, entries[-1][2], len(data), date_time) + data)
+        f.write(_directory(entries, f.tell()))
+
+
+def _crc(f: BinaryIO, start: int, end: int, written: Mapping[int, tuple[int, int]]) -> int:
+    """The CRC-32 of bytes [start, end) of `f`, reading only the gaps between `written`."""
+    crc = 0
+    for offset, (size, part) in sorted(written.items()):
+        crc = crc32_combine(_crc_read(f, start, offset, crc), part, size)
+        start = offset + size
+    return _crc_read(f, start, end, crc)
+
+
+def _crc_read(f: BinaryIO, start: int, end: int, crc: int) -> int:
+    f.seek(start)
+    while start < end and (chunk := f.read(min(1 << 20, end - start))):
+        crc, start = zlib.crc32(chunk, crc), start + len(chunk)
+    return crc
+
+
+def crc32_combine(crc1: int, crc2: int, size2: int) -> int:
+    """The CRC-32 of A + B from crc32(A), crc32(B) and len(B), as zlib's crc32_combine.
+
+    >>> crc32_combine(zlib.crc32(b"average"), zlib.crc32(b"d"), 1) == zlib.crc32(b"averaged")
+    True
+    """
+    return _multiply(_shift(size2), crc1) ^ crc2
+
+
+@functools.lru_cache(maxsize=16)  # most pieces share a size
+def _shift(size: int) -> int:
+    """x ** (8 * size) modulo the CRC polynomial: appending `size` bytes to a message."""
+    power, k = 1 << 31, 3  # x ** 0 (bit-reversed); 8 * size is size * 2 ** 3
+    while size:
+        if size & 1:
+            power = _multiply(_square_power(k), power)
+        size, k = size >> 1, k + 1
+    return power
+
+
+@functools.cache
+def _square_power(k: int) -> int:
+    """x ** (2 ** k) modulo the CRC polynomial (bit-reversed): squarings, computed once."""
+    return 1 << 30 if k == 0 else _multiply(_square_power(k - 1), _square_power(k - 1))
+
+
+def _multiply(a: int, b: int) -> int:
+    """a * b modulo the CRC polynomial, both bit-reversed (zlib's multmodp)."""
+    product = 0
+    for bit in range(31, -1, -1):
+        if a >> bit & 1:
+            product ^= b
+        b = b >> 1 ^ _POLY if b & 1 else b >> 1
+    return product
+
+
+def _flags(name: str) -> int:
+    return 0 if name.isascii() else _UTF8
+
+
+def _dos(date_time: tuple[int, ...]) -> tuple[int, int]:
+    year, month, day, hour, minute, second = date_time
+    return hour << 11 | minute << 5 | second // 2, (year - 1980) << 9 | month << 5 | day
+
+
+def _local(name: str, crc: int, size: int, date_time: tuple, pad_to: int = 0) -> bytes:
+    """A local file header (stored, ZIP64 sizes), padded to `pad_to` bytes if given."""
+    encoded = name.encode()
+    extra = struct.pack("<HHQQ", _ZIP64, 16, size, size)
+    if pad_to:
+        gap = pad_to - 30 - len(encoded) - len(extra) - 4
+        extra += struct.pack("<HH", _PADDING, gap) + bytes(gap)
+    head = struct.pack(
+        "<4s5H3I2H", b"PK\x03\x04", _VERSION, _flags(name), 0, *_dos(date_time), crc,
+        _FULL, _FULL, len(encoded), len(extra),
+    )  # fmt: skip
+    return head + encoded + extra
+
+
+def _directory(entries: list[tuple], start: int) -> bytes:
+    """The central directory for `entries` (name, date_time, crc, size, offset) at `start`,
+    with the ZIP64 end records and the classic end record after it."""
+    records = b""
+    for name, date_time, crc, size, offset in entries:
+        encoded = name.encode()
+        extra = struct.pack("<HH3Q", _ZIP64, 24, size, size, offset)
+        records += struct.pack(
+            "<4s6H3I5H2I", b"PK\x01\x02", _MADE_BY, _VERSION, _flags(name), 0,
+            *_dos(date_time), crc, _FULL, _FULL, len(encoded), len(extra), 0, 0, 0,
+            0o100644 << 16, _FULL,
+        ) + encoded + extra  # fmt: skip
+    count, end64 = len(entries), start + len(records)
+    return (
+        records
+        + struct.pack(
+            "<4sQ2H2I4Q", b"PK\x06\x06", 44, _VERSION, _VERSION, 0, 0, count, count,
+            len(records), start,
+        )
+        + struct.pack("<4sIQI", b"PK\x06\x07", 0, end64, 1)
+        + struct.pack("<4s4H2IH", b"PK\x05\x06", 0, 0, count, count, _FULL, _FULL, 0)
+    )  # fmt: skip
