@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextvars
 import math
 import os
-import posixpath
 import re
 import resource
 import threading
@@ -50,10 +49,11 @@ def open_all(paths: Sequence, stack: ExitStack) -> list[Reader]:
     """
     newest = stack.enter_context(open_checkpoint(paths[-1]))
     soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
-    too_many = soft != resource.RLIM_INFINITY and len(paths) > soft - FD_RESERVE
+    files = len(paths) * newest.open_files
+    too_many = soft != resource.RLIM_INFINITY and files > soft - FD_RESERVE
     older = []
     for path in paths[:-1]:
-        ck = stack.enter_context(open_checkpoint(path))
+        ck = stack.enter_context(open_checkpoint(path, like=newest))
         check_matches(ck, newest)
         ck.settle(release=too_many)
         older.append(ck)
@@ -149,7 +149,7 @@ def to_average(
     Floating-point tensors are averaged. Integer and boolean ones (counters, quantized
     kernels) cannot be: they are compared across the checkpoints, a block at a time, and
     copied if equal everywhere. One that differs is refused, or with `integers="newest"`
-    its whole layer (its HDF5 group, so a quantized kernel's float scale too) is copied
+    its whole layer (see `Reader.layer`: a quantized kernel's float scale too) is copied
     from the newest checkpoint: no layer is ever half averaged.
     """
     if integers not in INTEGER_POLICIES:
@@ -157,16 +157,17 @@ def to_average(
     tensors = model_tensors(checkpoints[-1]).values()
     exact = [t for t in tensors if not t.averaged] if len(checkpoints) > 1 else []
     differing = _differing(checkpoints, exact, refuse=integers == "equal", max_memory=max_memory)
-    taken = {posixpath.dirname(name) for name in differing}
-    return [t for t in tensors if t.averaged and posixpath.dirname(t.name) not in taken]
+    newest = checkpoints[-1]
+    taken = {newest.layer(name) for name in differing}
+    return [t for t in tensors if t.averaged and newest.layer(t.name) not in taken]
 
 
 def taken_whole(newest: Reader, averaged: Sequence[Tensor]) -> list[str]:
-    """The layers (HDF5 groups) that `to_average` left to be copied whole from `newest`
+    """The layers that `to_average` left to be copied whole from `newest`
     although they hold float weights: those whose integers differ."""
     names = {t.name for t in averaged}
     floats = [t for t in model_tensors(newest).values() if t.averaged]
-    return sorted({posixpath.dirname(t.name) for t in floats if t.name not in names})
+    return sorted({newest.layer(t.name) for t in floats if t.name not in names})
 
 
 def _differing(

@@ -72,8 +72,10 @@ def destination(
     suffixes = ACCEPTED[newest.format]
     legacy_as_weights = newest.format.startswith("legacy") and dest.name.endswith(".weights.h5")
     if not dest.name.endswith(suffixes) or legacy_as_weights:
+        keras = newest.format.startswith(("keras", "legacy"))
+        loader = "Keras reads" if keras else "their readers read"
         raise UsageError(
-            f"{dest}: the inputs are {newest.format} files, so Keras reads the output only "
+            f"{dest}: the inputs are {newest.format} files, so {loader} the output only "
             f"under a name ending in {' or '.join(suffixes)}"
             + (" (not .weights.h5)" if newest.format.startswith("legacy") else "")
         )

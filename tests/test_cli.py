@@ -83,7 +83,7 @@ BAD = {
         "k3-weights",
         lambda d: (d / "model_3.weights.h5").write_text("hello"),
         [],
-        "{d}/k3-weights/model_3.weights.h5: not a Keras checkpoint (neither HDF5 nor .keras)",
+        "{d}/k3-weights/model_3.weights.h5: not a checkpoint (neither HDF5, .keras nor safetensors)",
         1,
     ),
     "HDF5 but not Keras": (

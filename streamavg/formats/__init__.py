@@ -8,8 +8,9 @@ container: it opens checkpoints here and asks the newest for its writer.
 An adapter module has `SUFFIXES` (format -> suffix of a default output, "" for a
 folder), `ACCEPTED` (format -> the names its loader reads a file under), `claims(path,
 head)` (whether it reads `path`, a folder or a file starting with bytes `head`),
-`open_checkpoint(path, optimizer=)` and `averaged(path)`; and `parts(directory)` if its
-checkpoints span several files of one folder (shards), which a scan must not take alone.
+`open_checkpoint(path, optimizer=, like=)` (`like` may be ignored) and `averaged(path)`;
+and `parts(directory)` if its checkpoints span several files of one folder (shards),
+which a scan must not take alone.
 
 >>> with open_checkpoint("ckpts/model_10.keras") as ck:  # doctest: +SKIP
 ...     ck.format, list(ck.tensors)[:1]
@@ -23,7 +24,7 @@ from pathlib import Path
 from types import ModuleType
 
 from ..errors import StreamavgError
-from . import hdf5, keras_dir, keras_zip
+from . import hdf5, keras_dir, keras_zip, safetensors
 from .base import PROVENANCE_KEY, Reader, Tensor, require_regular_file, stat_of
 
 __all__ = [
@@ -41,7 +42,7 @@ __all__ = [
 ]
 
 #: The adapters, in the order they are asked to claim a path.
-ADAPTERS: tuple[ModuleType, ...] = (keras_dir, keras_zip, hdf5)
+ADAPTERS: tuple[ModuleType, ...] = (keras_dir, keras_zip, safetensors, hdf5)
 SUFFIXES = {f: s for a in ADAPTERS for f, s in a.SUFFIXES.items()}
 ACCEPTED = {f: s for a in ADAPTERS for f, s in a.ACCEPTED.items()}
 FOLDERS = tuple(f for f, s in SUFFIXES.items() if not s)  # checkpoints that are folders
@@ -50,8 +51,8 @@ FOLDERS = tuple(f for f, s in SUFFIXES.items() if not s)  # checkpoints that are
 def _adapter(path: Path) -> ModuleType:
     """The module that reads `path`: a folder by what it holds, a file by name or content."""
     stat_of(path)  # refuses a missing path
-    head = b""
-    if not os.path.isdir(path):
+    head, folder = b"", os.path.isdir(path)
+    if not folder:
         require_regular_file(path)
         try:
             with open(path, "rb") as f:
@@ -61,16 +62,25 @@ def _adapter(path: Path) -> ModuleType:
     found = next((a for a in ADAPTERS if a.claims(path, head)), None)
     if found is not None:
         return found
-    if not head:
+    if folder:
         raise StreamavgError(f"{path}: is a directory, not a checkpoint")
-    raise StreamavgError(f"{path}: not a Keras checkpoint (neither HDF5 nor .keras)")
+    raise StreamavgError(f"{path}: not a checkpoint (neither HDF5, .keras nor safetensors)")
 
 
-def open_checkpoint(path: str | os.PathLike, *, optimizer: bool = False) -> Reader:
+def open_checkpoint(
+    path: str | os.PathLike, *, optimizer: bool = False, like: Reader | None = None
+) -> Reader:
     """Open the checkpoint at `path` (metadata only), listing the model's tensors, and the
-    optimizer's too if `optimizer`; refuses, in one line, what it cannot read."""
+    optimizer's too if `optimizer`; refuses, in one line, what it cannot read.
+
+    `like` is an open checkpoint of the same run: an adapter may share its listing with
+    `path` when it can prove them built alike, which is much faster than listing again.
+    """
     path = Path(path)
-    return _adapter(path).open_checkpoint(path, optimizer=optimizer)
+    adapter = _adapter(path)
+    if like is not None and like.format in adapter.SUFFIXES:
+        return adapter.open_checkpoint(path, optimizer=optimizer, like=like)
+    return adapter.open_checkpoint(path, optimizer=optimizer)
 
 
 def averaged_by_streamavg(path: str | os.PathLike) -> bool:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import os
+import posixpath
 import stat
 from collections.abc import Callable, Collection, Iterator
 from contextlib import AbstractContextManager, contextmanager
@@ -54,6 +55,7 @@ class Reader:
     format: str
     tensors: dict[str, Tensor]
     size: int  # bytes on disk, all files together
+    open_files = 1  # the files it holds open between reads (shards)
 
     def read(self, name: str, index: tuple[slice, ...], out: np.ndarray) -> None:
         """Read block `index` of tensor `name` (`()`: all of it) into `out`, in the stored
@@ -101,6 +103,11 @@ class Reader:
     def provenance(self) -> dict | None:
         """What an earlier streamavg run recorded in this checkpoint, if it made it."""
         return None
+
+    def layer(self, name: str) -> str:
+        """The layer tensor `name` belongs to, whose tensors are averaged or taken together
+        (a quantized kernel with its scale): its group, in a file of groups."""
+        return posixpath.dirname(name)
 
     def stored_name(self, name: str) -> str:
         """What tensor `name` is called in the file (the same, unless the adapter renamed it)."""

@@ -9,6 +9,7 @@ fresh tensors at their file offsets. Nothing here builds a model or imports Kera
 
 from __future__ import annotations
 
+import bisect
 import errno
 import functools
 import itertools
@@ -73,8 +74,10 @@ def claims(path: Path, head: bytes) -> bool:
     return head.startswith(MAGIC)
 
 
-def open_checkpoint(path: Path, *, optimizer: bool = False) -> Checkpoint:
-    return Checkpoint(path, optimizer=optimizer)
+def open_checkpoint(
+    path: Path, *, optimizer: bool = False, like: Checkpoint | None = None
+) -> Checkpoint:
+    return Checkpoint(path, optimizer=optimizer, like=like)
 
 
 def averaged(source: Path | BinaryIO) -> bool:
@@ -127,6 +130,7 @@ class Checkpoint(Reader):
         image: tuple[BinaryIO, int | None, int, int] | None = None,
         file: Path | None = None,
         format: str | None = None,
+        like: Checkpoint | None = None,
     ) -> None:
         self.path = Path(path)
         self._file = file or self.path  # the HDF5 file, inside folder `path` for keras_dir
@@ -139,21 +143,26 @@ class Checkpoint(Reader):
             self._member, self._fd, self._base, self.size = image
         else:
             self.size = st.st_size
-        try:
-            self.h5 = h5py.File(self._member or self._file, "r")
-        except OSError as e:
-            self._close_member()
-            if "unable to lock file" in str(e) and system_errno(e) == errno.EWOULDBLOCK:
-                raise StreamavgError(
-                    f"{self.path}: open for writing in another process (still being saved?)"
-                ) from None
-            raise StreamavgError(f"{self.path}: corrupt HDF5 ({reason(e)})") from None
         if image is None:
             self._fd = os.open(self._file, os.O_RDONLY)
         self.tensors: dict[str, Tensor] = {}
         self._stored: dict[str, str] = {}  # names in this file, where `rename` changed them
         self._datasets: dict[str, h5py.h5d.DatasetID] = {}
         self._offsets: dict[str, int] = {}  # absolute file offsets of contiguous native data
+        self._optimizer = optimizer
+        self._like: Checkpoint | None = None  # whose listing this one shares, if any
+        self.h5: h5py.File | None = None
+        if like is not None and self._adopt(like):
+            return
+        try:
+            self.h5 = h5py.File(self._member or self._file, "r")
+        except OSError as e:
+            self.close()
+            if "unable to lock file" in str(e) and system_errno(e) == errno.EWOULDBLOCK:
+                raise StreamavgError(
+                    f"{self.path}: open for writing in another process (still being saved?)"
+                ) from None
+            raise StreamavgError(f"{self.path}: corrupt HDF5 ({reason(e)})") from None
         try:
             fmt = format or _classify(self.h5)
             if fmt is None:
@@ -166,6 +175,27 @@ class Checkpoint(Reader):
         except StreamavgError:
             self.close()
             raise
+
+    def _adopt(self, like: Checkpoint) -> bool:
+        """Share `like`'s listing if this file is built the same way: an HDF5 image of the
+        same size with the same bytes outside the datasets' data. Those bytes are all that
+        HDF5 reads to list tensors, their shapes, dtypes and places, so every check made
+        on `like` holds here too. Checkpoints of one run usually are built so; any other
+        file is listed in full."""
+        direct = all(n in like._offsets for n, t in _model_items(like) if t.nbytes)
+        if not direct or like.size != self.size or like._optimizer != self._optimizer:
+            return False
+        if like._metadata is None:
+            return False
+        try:
+            for (start, end), data in like._metadata:
+                if self._image(start, end - start) != data:
+                    return False
+        except OSError:
+            return False
+        self.format, self.tensors, self._like = like.format, dict(like.tensors), like
+        self._offsets = {n: at - like._base + self._base for n, at in like._offsets.items()}
+        return True
 
     def _walk(self, skip: str | None) -> None:
         """List datasets in one C-level visit, opening only those outside group `skip`."""
@@ -227,6 +257,8 @@ class Checkpoint(Reader):
         weights; within a layer, that of its `weight_names`. Every model tensor must be so
         listed (Keras would not load it otherwise), and listed once.
         """
+        if self._like is not None:
+            return self._like.layers  # the same bytes, the same layers
         model = _MODEL_GROUP.get(self.format)
         prefix = f"{model}/" if model else ""
         self.check_heaps()  # before the attributes are decoded
@@ -276,9 +308,24 @@ class Checkpoint(Reader):
         reading the attributes of an untrusted file; it reads only the bytes between the
         tensors' data, a window at a time.
         """
-        extents = []
+        if self._like is not None:
+            return self._like.check_heaps()  # the same bytes
+        for start, end in self._gaps:
+            for at in range(start, end, HEAP_WINDOW):  # overlapping by the signature
+                window = self._image(at, min(HEAP_WINDOW + 3, end - at))
+                found = window.find(b"GCOL")
+                while 0 <= found < HEAP_WINDOW:
+                    self._check_heap(at + found, end)
+                    found = window.find(b"GCOL", found + 1)
+
+    @functools.cached_property
+    def _layout(self) -> tuple[list[tuple[int, int]], list[int]]:
+        """Where every dataset's data lies in the HDF5 image ([start, end), sorted), and
+        where every object's header starts."""
+        extents, headers = [], []
 
         def note(name: bytes, info) -> None:
+            headers.append(info.addr)
             if info.type != h5py.h5o.TYPE_DATASET:
                 return
             dsid = h5py.h5d.open(self.h5.id, name)
@@ -293,15 +340,32 @@ class Checkpoint(Reader):
             h5py.h5o.visit(self.h5.id, note, info=True)
         except HDF5_ERRORS as e:
             raise StreamavgError(f"{self.path}: corrupt HDF5 ({reason(e)})") from None
-        position = 0
-        for start, end in [*sorted(extents), (self.size, self.size)]:
-            for at in range(position, start, HEAP_WINDOW):  # overlapping by the signature
-                window = self._image(at, min(HEAP_WINDOW + 3, start - at))
-                found = window.find(b"GCOL")
-                while 0 <= found < HEAP_WINDOW:
-                    self._check_heap(at + found, start)
-                    found = window.find(b"GCOL", found + 1)
+        return sorted(extents), headers
+
+    @functools.cached_property
+    def _gaps(self) -> list[tuple[int, int]]:
+        """The byte ranges of the HDF5 image outside every dataset's data: its metadata."""
+        gaps, position = [], 0
+        for start, end in [*self._layout[0], (self.size, self.size)]:
+            if start > position:
+                gaps.append((position, start))
             position = max(position, end)
+        return gaps
+
+    @functools.cached_property
+    def _metadata(self) -> list[tuple[tuple[int, int], bytes]] | None:
+        """The bytes of each of `_gaps`, which another file must match to share the listing;
+        None if data and metadata are not cleanly apart (datasets' data overlapping, or an
+        object header inside data), as no tool writes them: such a file shares nothing."""
+        extents, headers = self._layout
+        if any(a[1] > b[0] for a, b in itertools.pairwise(extents)):
+            return None
+        starts = [start for start, _ in extents]
+        for at in headers:
+            k = bisect.bisect_right(starts, at) - 1
+            if k >= 0 and at < extents[k][1]:
+                return None
+        return [((start, end), self._image(start, end - start)) for start, end in self._gaps]
 
     def _check_heap(self, at: int, limit: int) -> None:
         """Walk the global heap collection at `at` (ending by `limit`) as HDF5 does."""
@@ -352,10 +416,8 @@ class Checkpoint(Reader):
         """Close the HDF5 handle if every model tensor can be read straight from the file;
         with `release`, close the file too, and reopen it by path for each read, checking
         that it is still the same file."""
-        model = (n for n, t in self.tensors.items() if t.part == "model" and t.nbytes)
-        if all(n in self._offsets for n in model):
-            self.h5.close()
-            self._datasets.clear()
+        if all(n in self._offsets for n, t in _model_items(self) if t.nbytes):
+            self._close_h5()
         if not release:
             return
         if self._datasets:
@@ -381,6 +443,8 @@ class Checkpoint(Reader):
     @property
     def provenance(self) -> dict | None:
         self.check_heaps()  # before an attribute is decoded
+        if self._like is not None:
+            return self._like.provenance
         value = self.h5.attrs.get(PROVENANCE_KEY)
         return None if value is None else json.loads(_text(value))
 
@@ -393,8 +457,13 @@ class Checkpoint(Reader):
         if self._member is not None:
             self._member.close()
 
+    def _close_h5(self) -> None:
+        if self.h5 is not None:
+            self.h5.close()
+        self._datasets.clear()
+
     def close(self) -> None:
-        self.h5.close()
+        self._close_h5()
         if self._fd is not None and self._member is None:
             os.close(self._fd)
         self._close_member()
@@ -402,6 +471,10 @@ class Checkpoint(Reader):
 
 def _text(value: object) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _model_items(ck: Reader) -> Iterator[tuple[str, Tensor]]:
+    return ((n, t) for n, t in ck.tensors.items() if t.part == "model")
 
 
 def _names(group: h5py.Group, key: str) -> list[str]:
@@ -439,10 +512,11 @@ def h5_like(
     """Write an HDF5 file shaped like `template`; yield `write(name, values, index=())`
     that fills the `fresh` tensors, whole or a block (from `blocks.blocks`) at a time.
 
-    Groups, attributes, dtypes and storage layout are copied, and so are the other tensors
-    with their data; the optimizer group is left out unless `optimizer` is true. Contiguous
-    fresh tensors get their file space up front and are written with `os.pwritev`, which
-    runs on any thread without the GIL; others go through h5py. The first `userblock`
+    Each group under the root is copied whole by HDF5 (`H5Ocopy`: attributes, dtypes,
+    storage layout and data), except the optimizer group unless `optimizer` is true; the
+    `fresh` tensors' copied data is then written over. Contiguous ones are written with
+    `os.pwritev` at their offsets, which runs on any thread without the GIL; others go
+    through h5py. The first `userblock`
     bytes are left for the caller (a `.keras` archive's zip header). If `checksums` is
     given, it receives the CRC-32 of every range written with `os.pwritev`, by offset:
     (size, crc), so a `.keras` archive need not read them back.
@@ -452,37 +526,22 @@ def h5_like(
     offsets: dict[str, int] = {}
     dropped = None if optimizer else OPTIMIZER_GROUP.get(template.format)
 
-    def replicate(src: h5py.Group, dst: h5py.Group) -> None:
-        _copy_attrs(src, dst)
-        for key, obj in src.items():
-            name = obj.name[1:]
-            if name == dropped:
-                continue
-            if isinstance(obj, h5py.Group):
-                replicate(obj, dst.create_group(key))
-            elif name in fresh:
-                dcpl = obj.id.get_create_plist()
-                dcpl.set_obj_track_times(False)  # no timestamps: the same inputs, the same bytes
-                direct = dcpl.get_layout() == h5py.h5d.CONTIGUOUS and obj.dtype.isnative
-                if direct:  # allocate now, and never let HDF5 write fill values over our data
-                    dcpl.set_alloc_time(h5py.h5d.ALLOC_TIME_EARLY)
-                    dcpl.set_fill_time(h5py.h5d.FILL_TIME_NEVER)
-                dsid = h5py.h5d.create(
-                    dst.id, key.encode(), obj.id.get_type(), obj.id.get_space(), dcpl=dcpl
-                )
-                created[name] = h5py.Dataset(dsid)
-                _copy_attrs(obj, created[name])
-                offset = dsid.get_offset() if direct else None
-                if offset is not None:
-                    offsets[name] = offset
-            else:
-                src.copy(obj, dst, key)
+    def replicate() -> None:
+        _copy_attrs(template.h5, out)
+        for key in template.h5:  # each subtree copied whole, in C
+            if key != dropped:
+                h5py.h5o.copy(template.h5.id, key.encode(), out.id, key.encode())
+        for name in fresh:
+            created[name] = ds = out[name]
+            contiguous = ds.id.get_create_plist().get_layout() == h5py.h5d.CONTIGUOUS
+            if contiguous and ds.dtype.isnative and (offset := ds.id.get_offset()) is not None:
+                offsets[name] = offset
 
     out = h5py.File(path, "w", userblock_size=userblock)
     try:
         try:
             template.check_heaps()  # before any of its attributes is decoded
-            replicate(template.h5, out)
+            replicate()
         except HDF5_ERRORS as e:
             if system_errno(e):
                 raise  # the output could not be written

@@ -30,9 +30,12 @@ def claims(path: Path, head: bytes) -> bool:
 class Folder(hdf5.Checkpoint):
     """An open unzipped `.keras` folder: the HDF5 reader over its weights file."""
 
-    def __init__(self, path: str | os.PathLike, *, optimizer: bool = False) -> None:
+    def __init__(
+        self, path: str | os.PathLike, *, optimizer: bool = False, like: Folder | None = None
+    ) -> None:
         path = Path(path)
-        super().__init__(path, optimizer=optimizer, file=path / WEIGHTS, format="keras-dir")
+        file = path / WEIGHTS
+        super().__init__(path, optimizer=optimizer, file=file, format="keras-dir", like=like)
 
     folder = True
 
@@ -54,5 +57,5 @@ def averaged(path: Path) -> bool:
     return hdf5.averaged(path / WEIGHTS)
 
 
-def open_checkpoint(path: Path, *, optimizer: bool = False) -> Folder:
-    return Folder(path, optimizer=optimizer)
+def open_checkpoint(path: Path, *, optimizer: bool = False, like: Folder | None = None) -> Folder:
+    return Folder(path, optimizer=optimizer, like=like)

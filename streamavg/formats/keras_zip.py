@@ -48,10 +48,13 @@ _POLY = 0xEDB88320  # CRC-32's polynomial, bit-reversed as zlib computes it
 class Archive(hdf5.Checkpoint):
     """An open `.keras` archive: the HDF5 reader over its weights member, in place."""
 
-    def __init__(self, path: str | os.PathLike, *, optimizer: bool = False) -> None:
+    def __init__(
+        self, path: str | os.PathLike, *, optimizer: bool = False, like: Archive | None = None
+    ) -> None:
         member, size = _open_member(Path(path))
         fd, start = (member.fileno(), member.start) if isinstance(member, _Window) else (None, 0)
-        super().__init__(path, optimizer=optimizer, image=(member, fd, start, size), format="keras")
+        image = (member, fd, start, size)
+        super().__init__(path, optimizer=optimizer, image=image, format="keras", like=like)
 
     @contextmanager
     def write_into(
@@ -75,8 +78,8 @@ def claims(path: Path, head: bytes) -> bool:
     return head.startswith(MAGIC)
 
 
-def open_checkpoint(path: Path, *, optimizer: bool = False) -> Archive:
-    return Archive(path, optimizer=optimizer)
+def open_checkpoint(path: Path, *, optimizer: bool = False, like: Archive | None = None) -> Archive:
+    return Archive(path, optimizer=optimizer, like=like)
 
 
 def averaged(path: Path) -> bool:

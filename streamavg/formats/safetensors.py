@@ -1,0 +1,553 @@
+"""Safetensors checkpoints: one `.safetensors` file, or a Hugging Face sharded folder (a
+`*.safetensors.index.json` whose `weight_map` names each tensor's shard, and the shards).
+
+A file is an 8-byte little-endian header length, a JSON header (each tensor's dtype, shape
+and `data_offsets` from the start of the data), then the tensors' bytes, tiling the data
+exactly. The header is parsed and checked here, without the `safetensors` package;
+tensors are read with `os.preadv` at their offsets. The output is laid out like the
+newest input: the same tensors at the same offsets, its `__metadata__` with our
+provenance added, integers copied byte for byte, the averaged tensors written in place.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+import os
+import re
+import shutil
+import struct
+from collections.abc import Collection, Iterator
+from contextlib import ExitStack, contextmanager
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+
+from ..blocks import flat_start
+from ..errors import StreamavgError, reason
+from ..publish import OffsetWriter
+from .base import (
+    PROVENANCE_KEY,
+    Reader,
+    Tensor,
+    Write,
+    check_same,
+    identity,
+    require_regular_file,
+    stat_of,
+)
+
+SUFFIXES = {"safetensors": ".safetensors", "safetensors-dir": ""}
+ACCEPTED = {"safetensors": (".safetensors",)}
+SUFFIX = ".safetensors"
+INDEX_SUFFIX = ".safetensors.index.json"  # model.safetensors.index.json, as transformers names it
+MAX_HEADER = 100_000_000  # bytes: the safetensors library's limit, for headers and indexes alike
+METADATA = "__metadata__"
+COPY_BYTES = 1 << 20  # a tensor copied from the newest checkpoint goes this much at a time
+#: The dtypes of safetensors, by code; those ml_dtypes provides are named, and imported
+#: only where a file holds them (importing ml_dtypes takes a good part of a second).
+DTYPES = {
+    "F64": "<f8",
+    "F32": "<f4",
+    "F16": "<f2",
+    "BF16": "bfloat16",
+    "F8_E4M3": "float8_e4m3fn",
+    "F8_E5M2": "float8_e5m2",
+    "I64": "<i8",
+    "I32": "<i4",
+    "I16": "<i2",
+    "I8": "i1",
+    "U64": "<u8",
+    "U32": "<u4",
+    "U16": "<u2",
+    "U8": "u1",
+    "BOOL": "?",
+}
+_SURROGATE = re.compile("[\ud800-\udfff]")  # json.loads lets "\ud800" through; UTF-8 cannot
+
+
+def claims(path: Path, head: bytes) -> bool:
+    """A folder holding a safetensors index; a file named `*.safetensors`, or whose first
+    bytes are a plausible header length followed by the header's opening brace."""
+    if path.is_dir():
+        return bool(_indexes(path))
+    if path.name.endswith(SUFFIX):
+        return True
+    return len(head) > 8 and head[8:9] == b"{" and struct.unpack("<Q", head[:8])[0] <= MAX_HEADER
+
+
+def open_checkpoint(path: Path, *, optimizer: bool = False, like: Reader | None = None) -> Reader:
+    """A sharded folder or one file. Safetensors hold no optimizer state to list, and a
+    header is parsed as fast as it could be compared with `like`'s, so both are ignored."""
+    return Folder(path) if path.is_dir() else Checkpoint(path)
+
+
+def averaged(path: Path) -> bool:
+    """Whether `path` carries our provenance; only its header (or index) is read."""
+    try:
+        if path.is_dir():
+            return PROVENANCE_KEY in _read_index(_index_of(path))[1]
+        with _File(path) as file:
+            return PROVENANCE_KEY in (file.metadata or {})
+    except StreamavgError:
+        return False
+
+
+def parts(directory: Path) -> dict[str, Path]:
+    """The index files in `directory` and the shards they list, each owned by the folder;
+    an index that cannot be read lists none (it is refused when the folder is opened)."""
+    found = {}
+    for index in _indexes(directory):
+        try:
+            weight_map = _read_index(index)[0]
+        except StreamavgError:
+            continue
+        found |= {name: directory for name in (index.name, *weight_map.values())}
+    return found
+
+
+class _Entry(NamedTuple):
+    """One tensor's header entry: its dtype code and numpy dtype, shape, data range."""
+
+    code: str
+    dtype: np.dtype
+    shape: tuple[int, ...]
+    begin: int
+    end: int
+
+
+class _Duplicate(Exception):
+    """A key met twice in one JSON object."""
+
+
+def _unique(pairs: list[tuple[str, object]]) -> dict:
+    """A JSON object that refuses a repeated key, and text that UTF-8 cannot encode."""
+    found: dict = {}
+    for key, value in pairs:
+        if key in found:
+            raise _Duplicate(key)
+        for text in (key, value):
+            if isinstance(text, str) and not text.isascii() and _SURROGATE.search(text):
+                raise ValueError("a lone surrogate")
+        found[key] = value
+    return found
+
+
+def _naturals(value: object) -> bool:
+    return isinstance(value, list) and all(type(x) is int and x >= 0 for x in value)
+
+
+class _File:
+    """One open safetensors file: its header's tensors in file order, its metadata, and
+    reads at its offsets; the file is reopened per read once `release`d."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        require_regular_file(path)
+        try:
+            self.fd: int | None = os.open(path, os.O_RDONLY)
+        except OSError as e:
+            raise StreamavgError(f"{path}: cannot read ({e.strerror})") from None
+        try:
+            st = os.fstat(self.fd)
+            self.identity = identity(st)
+            self.size = st.st_size
+            self.metadata, self.entries, self.data_start = self._header()
+        except BaseException:
+            self.close()
+            raise
+
+    def _header(self) -> tuple[dict[str, str] | None, dict[str, _Entry], int]:
+        """Parse and check the header: refuse, in one line, what the library would not read
+        and what it would read wrongly (a repeated key: its last value wins there)."""
+        path = self.path
+        if self.size < 8:
+            raise StreamavgError(f"{path}: too short for a safetensors file ({self.size} bytes)")
+        (length,) = struct.unpack("<Q", os.pread(self.fd, 8, 0))
+        if length > MAX_HEADER:
+            raise StreamavgError(
+                f"{path}: safetensors header of {length:,} bytes, over the limit of {MAX_HEADER:,}"
+            )
+        raw = os.pread(self.fd, length, 8)
+        if len(raw) != length:
+            raise StreamavgError(
+                f"{path}: safetensors header of {length:,} bytes runs past the end of the "
+                f"file ({self.size:,} bytes; truncated?)"
+            )
+        try:
+            header = json.loads(raw.decode("utf-8"), object_pairs_hook=_unique)
+        except _Duplicate as e:
+            raise StreamavgError(f"{path}: {e.args[0]}: listed twice in the header") from None
+        except RecursionError:
+            raise StreamavgError(f"{path}: safetensors header nested too deeply") from None
+        except ValueError:  # UnicodeDecodeError and JSONDecodeError too
+            raise StreamavgError(f"{path}: safetensors header is not UTF-8 JSON") from None
+        if not isinstance(header, dict):
+            raise StreamavgError(f"{path}: safetensors header is not a JSON object")
+        metadata = header.pop(METADATA, None)
+        if metadata is not None and not (
+            isinstance(metadata, dict) and all(isinstance(v, str) for v in metadata.values())
+        ):
+            raise StreamavgError(f"{path}: {METADATA} is not an object of strings")
+        entries = {name: _entry(path, name, info) for name, info in header.items()}
+        _check_tiling(path, entries, self.size - 8 - length)
+        return metadata, entries, 8 + length
+
+    def read_into(self, name: str, out: np.ndarray, begin: int) -> None:
+        """Fill `out` with the data of tensor `name` from byte `begin` of the data."""
+        try:
+            fd = self.fd if self.fd is not None else self._reopen()
+            try:
+                got = os.preadv(fd, [out.reshape(-1).view(np.uint8)], self.data_start + begin)
+            finally:
+                if fd != self.fd:
+                    os.close(fd)
+            if got != out.nbytes:
+                raise OSError("unexpected end of file")
+        except OSError as e:
+            raise StreamavgError(f"{self.path}: {name}: unreadable ({reason(e)})") from None
+
+    def _reopen(self) -> int:
+        fd = os.open(self.path, os.O_RDONLY)
+        try:
+            check_same(self.path, self.identity, os.fstat(fd))
+        except StreamavgError:
+            os.close(fd)
+            raise
+        return fd
+
+    def close(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+    def __enter__(self) -> _File:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _entry(path: Path, name: str, info: object) -> _Entry:
+    """Tensor `name`'s header entry, checked: a known dtype, a shape, and a data range
+    holding exactly its bytes. Other keys are ignored, as the library ignores them."""
+    if not isinstance(info, dict):
+        raise StreamavgError(f"{path}: {name}: header entry is not an object")
+    for key in ("dtype", "shape", "data_offsets"):
+        if key not in info:
+            raise StreamavgError(f"{path}: {name}: header entry has no {key}")
+    code, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
+    if not isinstance(code, str) or code not in DTYPES:
+        raise StreamavgError(f"{path}: {name}: unknown dtype {json.dumps(code)}")
+    if not _naturals(shape):
+        raise StreamavgError(f"{path}: {name}: shape is not a list of non-negative integers")
+    if not (_naturals(offsets) and len(offsets) == 2 and offsets[0] <= offsets[1]):
+        raise StreamavgError(
+            f"{path}: {name}: data_offsets is not [begin, end] with 0 <= begin <= end"
+        )
+    dtype, (begin, end) = _dtype(code), offsets
+    need = math.prod(shape) * dtype.itemsize
+    if end - begin != need:
+        raise StreamavgError(
+            f"{path}: {name}: data_offsets hold {end - begin:,} bytes, but shape {shape} "
+            f"of {code} needs {need:,}"
+        )
+    return _Entry(code, dtype, tuple(shape), begin, end)
+
+
+@functools.cache
+def _dtype(code: str) -> np.dtype:
+    name = DTYPES[code]
+    if name.startswith(("bfloat", "float8")):
+        import ml_dtypes
+
+        return np.dtype(getattr(ml_dtypes, name))
+    return np.dtype(name)
+
+
+def _check_tiling(path: Path, entries: dict[str, _Entry], size: int) -> None:
+    """The tensors' data must cover the `size` bytes after the header exactly, as the
+    library requires: nothing out of range, overlapping, between or after them."""
+    for name, e in entries.items():
+        if e.end > size:
+            raise StreamavgError(
+                f"{path}: {name}: data ends at byte {e.end:,}, past the {size:,} bytes of "
+                "data (truncated file?)"
+            )
+    position, previous = 0, None
+    for name, e in sorted(entries.items(), key=lambda item: (item[1].begin, item[1].end)):
+        if e.begin < position:
+            raise StreamavgError(f"{path}: {name}: data overlaps that of {previous}")
+        if e.begin > position:
+            raise StreamavgError(
+                f"{path}: {name}: {e.begin - position:,} bytes before its data belong to no "
+                "tensor (the safetensors library refuses gaps)"
+            )
+        position, previous = e.end, name
+    if position < size:
+        raise StreamavgError(
+            f"{path}: {size - position:,} bytes after the last tensor's data (the "
+            "safetensors library refuses them)"
+        )
+
+
+class _Safetensors(Reader):
+    """What one file and a sharded folder share: tensors found in their files, read there."""
+
+    def _list(self, files: dict[str, _File]) -> None:
+        """Key every tensor of `files` (by file name, in the order they are laid out)."""
+        self._files = files
+        self._where = {n: (f, e) for f in files.values() for n, e in f.entries.items()}
+        self.tensors = {
+            n: Tensor(n, e.shape, e.dtype, "model", e.dtype) for n, (_, e) in self._where.items()
+        }
+
+    def layer(self, name: str) -> str:
+        """Tensors are named by dotted paths (`model.layers.0.weight`): the module's path."""
+        return name.rpartition(".")[0]
+
+    def read(self, name: str, index: tuple[slice, ...], out: np.ndarray) -> None:
+        file, e = self._where[name]
+        if out.nbytes:
+            file.read_into(name, out, e.begin + flat_start(e.shape, index) * out.itemsize)
+
+    def settle(self, release: bool) -> None:
+        """With `release`, close every file; each read then reopens it by path, checking
+        that it is still the same file."""
+        if release:
+            self.close()
+
+    def check_unchanged(self) -> None:
+        for file in self._files.values():
+            check_same(file.path, file.identity)
+
+    def close(self) -> None:
+        for file in self._files.values():
+            file.close()
+
+
+class Checkpoint(_Safetensors):
+    """An open `.safetensors` file.
+
+    >>> with Checkpoint(Path("ckpts/step_100.safetensors")) as ck:  # doctest: +SKIP
+    ...     ck.format, list(ck.tensors)[:1]
+    ('safetensors', ['model.embed_tokens.weight'])
+    """
+
+    format = "safetensors"
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._file = _File(path)
+        self._list({path.name: self._file})
+        self.size = self._file.size
+
+    @property
+    def provenance(self) -> dict | None:
+        return _provenance(self.path, self._file.metadata or {}, METADATA)
+
+    @contextmanager
+    def write_into(
+        self, tmp: Path, fresh: Collection[str], *, optimizer: bool, provenance: dict
+    ) -> Iterator[Write]:
+        with _written({tmp: self._file}, fresh, provenance) as write:
+            yield write
+
+
+class Folder(_Safetensors):
+    """An open Hugging Face sharded folder: its index and every shard that it lists, each
+    tensor in the shard the `weight_map` names, and there only."""
+
+    format = "safetensors-dir"
+    folder = True
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._index = _index_of(path)
+        st = stat_of(self._index)
+        self._index_identity = identity(st)
+        self._weight_map, self._metadata, self._document = _read_index(self._index)
+        self._files: dict[str, _File] = {}
+        try:
+            for shard in sorted(set(self._weight_map.values())):
+                if not os.path.exists(path / shard):
+                    raise StreamavgError(
+                        f"{path / shard}: listed in {self._index.name}, but missing"
+                    )
+                self._files[shard] = _File(path / shard)
+            self._check_placement()
+        except BaseException:
+            self.close()
+            raise
+        self._list(self._files)
+        self.size = st.st_size + sum(f.size for f in self._files.values())
+        self.open_files = len(self._files)
+
+    def _check_placement(self) -> None:
+        """Every tensor in one shard, the one the `weight_map` names for it."""
+        index, seen = self._index.name, {}
+        for shard, file in self._files.items():
+            for name in file.entries:
+                if name in seen:
+                    raise StreamavgError(f"{file.path}: {name}: also in {seen[name]}")
+                seen[name] = shard
+        for shard, file in self._files.items():
+            for name in file.entries:
+                if name not in self._weight_map:
+                    raise StreamavgError(f"{file.path}: {name}: not in the weight_map of {index}")
+                if self._weight_map[name] != shard:
+                    raise StreamavgError(
+                        f"{file.path}: {name}: here, but the weight_map of {index} puts it in "
+                        f"{self._weight_map[name]}"
+                    )
+        for name, shard in self._weight_map.items():
+            if name not in self._files[shard].entries:
+                raise StreamavgError(
+                    f"{self._files[shard].path}: {name}: in the weight_map of {index}, but "
+                    "missing from this shard"
+                )
+
+    @property
+    def provenance(self) -> dict | None:
+        return _provenance(self._index, self._metadata, "metadata")
+
+    def check_unchanged(self) -> None:
+        check_same(self._index, self._index_identity)
+        super().check_unchanged()
+
+    @contextmanager
+    def write_into(
+        self, tmp: Path, fresh: Collection[str], *, optimizer: bool, provenance: dict
+    ) -> Iterator[Write]:
+        """Shards named and laid out as the newest's, and its index with our provenance
+        in its metadata, written as transformers writes one (sorted, indented). The folder's
+        other files (config.json, tokenizer files) come along, so that `from_pretrained`
+        loads it, but not training state (optimizer, scheduler, RNG) nor other weights."""
+        for entry in sorted(self.path.iterdir()):
+            other_weights = entry.name in self._files or entry == self._index
+            if entry.is_file() and not other_weights and not _training_state(entry.name):
+                shutil.copyfile(entry, tmp / entry.name)
+        document = {**self._document, "metadata": {**self._metadata, PROVENANCE_KEY: provenance}}
+        text = json.dumps(document, indent=2, sort_keys=True) + "\n"
+        (tmp / self._index.name).write_text(text, encoding="utf-8")
+        shards = {tmp / shard: file for shard, file in self._files.items()}
+        with _written(shards, fresh, provenance) as write:
+            yield write
+
+
+def _training_state(name: str) -> bool:
+    """Files of a training run that an average must not carry: optimizer, scheduler and
+    RNG state, the trainer's log, and weights in other formats."""
+    return name == "trainer_state.json" or name.endswith((".pt", ".pth", ".bin", SUFFIX))
+
+
+def _provenance(path: Path, metadata: dict, where: str) -> dict | None:
+    """Our provenance in `metadata`: a JSON string in a file's, an object in an index's."""
+    value = metadata.get(PROVENANCE_KEY)
+    if value is None:
+        return None
+    try:
+        found = json.loads(value) if isinstance(value, str) else value
+    except ValueError:
+        found = None
+    if not isinstance(found, dict):
+        raise StreamavgError(f"{path}: corrupt streamavg provenance in {where}")
+    return found
+
+
+def _indexes(directory: Path) -> list[Path]:
+    return sorted(p for p in directory.glob(f"*{INDEX_SUFFIX}") if p.is_file())
+
+
+def _index_of(path: Path) -> Path:
+    """The one index of folder `path`."""
+    found = _indexes(path)
+    if len(found) != 1:
+        names = ", ".join(p.name for p in found)
+        raise StreamavgError(
+            f"{path}: holds {len(found)} safetensors indexes ({names}); a checkpoint has one"
+        )
+    return found[0]
+
+
+def _read_index(index: Path) -> tuple[dict[str, str], dict, dict]:
+    """An index's `weight_map` (tensor -> shard file name), its `metadata`, and all of it."""
+    size = stat_of(index).st_size
+    if size > MAX_HEADER:
+        raise StreamavgError(
+            f"{index}: safetensors index of {size:,} bytes, over the limit of {MAX_HEADER:,}"
+        )
+    try:
+        raw = index.read_bytes()
+    except OSError as e:
+        raise StreamavgError(f"{index}: cannot read ({e.strerror})") from None
+    try:
+        document = json.loads(raw.decode("utf-8"), object_pairs_hook=_unique)
+    except _Duplicate as e:
+        raise StreamavgError(f"{index}: {e.args[0]}: listed twice") from None
+    except (ValueError, RecursionError):
+        raise StreamavgError(f"{index}: not UTF-8 JSON") from None
+    weight_map = document.get("weight_map") if isinstance(document, dict) else None
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise StreamavgError(
+            f"{index}: not a safetensors index (no weight_map of tensor names to shard files)"
+        )
+    metadata = document.get("metadata", {})
+    if not isinstance(metadata, dict):
+        raise StreamavgError(f"{index}: metadata is not an object")
+    for name, shard in weight_map.items():
+        if shard in ("", ".", "..") or "/" in shard or "\0" in shard:
+            raise StreamavgError(f"{index}: {name}: {shard!r} is not a file name in this folder")
+    return weight_map, metadata, document
+
+
+def _header_bytes(metadata: dict[str, str], entries: dict[str, _Entry]) -> bytes:
+    """A header as the safetensors library writes one: length, compact UTF-8 JSON with
+    `__metadata__` first, padded with spaces to a multiple of 8 bytes."""
+    header: dict[str, object] = {METADATA: metadata}
+    for name, e in entries.items():
+        header[name] = {"dtype": e.code, "shape": list(e.shape), "data_offsets": [e.begin, e.end]}
+    text = json.dumps(header, ensure_ascii=False, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    return struct.pack("<Q", len(text)) + text
+
+
+@contextmanager
+def _written(
+    outputs: dict[Path, _File], fresh: Collection[str], provenance: dict
+) -> Iterator[Write]:
+    """Write each output file laid out like its template file; yield `write(name, values,
+    index)` filling the `fresh` tensors (blocks in any order, from any thread). The other
+    tensors are copied from the templates, COPY_BYTES at a time."""
+    fresh = set(fresh)
+    targets: dict[str, tuple[OffsetWriter, int, tuple[int, ...]]] = {}
+    buffer = np.empty(COPY_BYTES, np.uint8)
+    with ExitStack() as stack:
+        for path, template in outputs.items():
+            metadata = {
+                **(template.metadata or {}),
+                PROVENANCE_KEY: json.dumps(provenance, sort_keys=True),
+            }
+            head = _header_bytes(metadata, template.entries)
+            with open(path, "wb") as f:
+                f.truncate(len(head) + template.size - template.data_start)
+            writer = OffsetWriter(path, None)
+            stack.callback(writer.close)
+            writer.write(0, np.frombuffer(head, np.uint8))
+            for name, e in template.entries.items():
+                if name in fresh:
+                    targets[name] = writer, len(head) + e.begin, e.shape
+                    continue
+                for at in range(e.begin, e.end, COPY_BYTES):
+                    chunk = buffer[: min(COPY_BYTES, e.end - at)]
+                    template.read_into(name, chunk, at)
+                    writer.write(len(head) + at, chunk)
+
+        def write(name: str, values: np.ndarray, index: tuple[slice, ...] = ()) -> None:
+            writer, start, shape = targets[name]
+            data = np.ascontiguousarray(values)
+            writer.write(start + flat_start(shape, index) * data.itemsize, data)
+
+        yield write
