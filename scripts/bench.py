@@ -29,6 +29,11 @@ Full grid (many minutes, about 30 GB of disk):
 Quick check:
     .venv/bin/python scripts/bench.py --workdir /tmp/bench-tiny --mb 1 --n 2,3 --sizes 1,2 \
         --size-n 2 --repeats 2
+
+scripts/bench_formats.py measures the same way across containers (.keras, .weights.h5,
+unzipped .keras folders, sharded .weights.json, .safetensors and Hugging Face sharded
+folders, Orbax where it is installed) and for ResNet50's many small tensors, against a floor
+that reads exactly the averaged tensors' bytes at offsets found beforehand.
 """
 
 import argparse
@@ -300,6 +305,26 @@ def summarize(runs: list[dict]) -> dict:
     return {"ok": ok, **median, "runs": runs}
 
 
+def run_methods(
+    cmds: dict[str, list[str]], runs: dict[str, list[dict]], repeats: int, out_dir: Path
+) -> None:
+    """Run each method of `runs` `repeats` times, interleaved, each into an empty `out_dir`
+    after os.sync(); a method that fails once is not run again."""
+    for _ in range(repeats):
+        for method, method_runs in runs.items():
+            if method_runs and method_runs[-1]["rc"] != 0:
+                continue  # already failed at this point; do not retry
+            shutil.rmtree(out_dir, ignore_errors=True)
+            out_dir.mkdir()
+            os.sync()  # no write-back left over from the previous run competes with this one
+            run = measure(cmds[method])
+            method_runs.append(run)
+            if run["rc"] != 0:
+                tail = "\n    ".join(run["stderr"])
+                print(f"  FAILED {method} (rc={run['rc']}):\n    {tail}", file=sys.stderr)
+    shutil.rmtree(out_dir, ignore_errors=True)
+
+
 def measure_point(
     point: Point, grids: list[str], ckpts: Path, workdir: Path, scheme: str, repeats: int
 ) -> dict:
@@ -320,19 +345,7 @@ def measure_point(
     for method, reason in skipped.items():
         if reason:
             print(f"  skipped {method}: {reason}", file=sys.stderr)
-    for _ in range(repeats):
-        for method, method_runs in runs.items():
-            if method_runs and method_runs[-1]["rc"] != 0:
-                continue  # already failed at this point; do not retry
-            shutil.rmtree(out_dir, ignore_errors=True)
-            out_dir.mkdir()
-            os.sync()  # no write-back left over from the previous run competes with this one
-            run = measure(cmds[method])
-            method_runs.append(run)
-            if run["rc"] != 0:
-                tail = "\n    ".join(run["stderr"])
-                print(f"  FAILED {method} (rc={run['rc']}):\n    {tail}", file=sys.stderr)
-    shutil.rmtree(out_dir, ignore_errors=True)
+    run_methods(cmds, runs, repeats, out_dir)
 
     methods = {
         m: summarize(runs[m]) if m in runs else {"ok": False, "skipped": skipped[m]} for m in cmds

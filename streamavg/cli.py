@@ -29,7 +29,8 @@ streamavg [options] PATH...              average checkpoints into one
        streamavg -h | -V                        help, version"""
 
 DESCRIPTION = """\
-Average Keras checkpoints (.keras, .weights.h5, legacy .h5) with constant memory.
+Average checkpoints (.keras, .weights.h5, .weights.json, legacy .h5, Orbax, safetensors)
+into one of their own format, with constant memory.
 Checkpoints are ordered by the epoch number in their names; the newest weighs most.
 Run `streamavg inspect FILE` to list a checkpoint's tensors, and `streamavg sweep` to
 score the average of the last n checkpoints for every n (or a greedy soup)."""
@@ -104,8 +105,9 @@ def _add_selection(p: argparse.ArgumentParser) -> None:
     sel.add_argument(
         "--pattern",
         metavar="GLOB",
-        help="files to take from directories (default: *.keras, *.h5, *.hdf5, or those one "
-        "level down if there are none)",
+        help="checkpoints to take from directories (default: *.keras, *.h5, *.hdf5, "
+        "*.weights.json, *.safetensors and checkpoint folders, or those one level down if "
+        "there are none)",
     )
     sel.add_argument(
         "--template",

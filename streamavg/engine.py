@@ -15,7 +15,7 @@ import os
 import re
 import resource
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from contextlib import ExitStack
 
 import numpy as np
@@ -180,15 +180,22 @@ def _differing(
     """The names of `tensors` whose values are not the same in all `checkpoints`, compared
     a block at a time; with `refuse`, the first such tensor is an error instead."""
     newest, found = checkpoints[-1], set()
+    whole = {t.name for t in tensors if any(ck.whole_reads(t.name) for ck in checkpoints)}
 
     def piece(t: Tensor, index: tuple[slice, ...], buffers: Buffers) -> int:
         if t.name in found:
             return 0
-        ours, theirs = _block(buffers[1], t, index), _block(buffers[2], t, index)
-        newest.read(t.name, index, ours)
+
+        def values(ck: Reader) -> np.ndarray:
+            if t.name in whole:  # each input decoded once
+                return ck.read_whole(t.name)
+            out = _block(buffers[1 if ck is newest else 2], t, index)
+            ck.read(t.name, index, out)
+            return out
+
+        ours = values(newest)
         for ck in checkpoints[:-1]:
-            ck.read(t.name, index, theirs)
-            if np.array_equal(ours, theirs):
+            if np.array_equal(ours, values(ck)):
                 continue
             if refuse:
                 raise StreamavgError(
@@ -201,7 +208,7 @@ def _differing(
             break
         return ours.nbytes * len(checkpoints)
 
-    _each_piece(tensors, piece, max_memory)
+    _each_piece(tensors, piece, max_memory, whole=whole)
     return found
 
 
@@ -222,28 +229,49 @@ def fold(
     scale = weights.sum()
     total = sum(t.nbytes for t in tensors) * len(checkpoints)
     bar = bytes_bar(total, "averaging") if progress else None
+    whole = {t.name for t in tensors if any(ck.whole_reads(t.name) for ck in checkpoints)}
+
+    def fold_in(i: int, x: np.ndarray, acc: np.ndarray, tmp: np.ndarray, t: Tensor) -> None:
+        """acc (+)= weights[i] * x, in float64: exact widening, then the product."""
+        term = acc if i == 0 else tmp
+        np.copyto(term, x.view(t.dtype))
+        term *= weights[i]
+        if i:
+            acc += tmp
+
+    def finish(t: Tensor, index: tuple[slice, ...], acc: np.ndarray, out: np.ndarray) -> None:
+        if not allow_nonfinite and not np.isfinite(acc).all():
+            _blame_nonfinite(checkpoints, t, index, np.empty_like(out))
+        acc /= scale
+        np.copyto(out.view(t.dtype), acc, casting="unsafe")
+        write(t, index, out.view(t.dtype))
 
     def piece(t: Tensor, index: tuple[slice, ...], buffers: Buffers) -> int:
         sums, terms, raw = buffers
+        if t.name in whole:
+            return fold_whole(t, buffers)
         buf = _block(raw, t, index)
         acc, tmp = sums[: buf.size].reshape(buf.shape), terms[: buf.size].reshape(buf.shape)
         for i, ck in enumerate(checkpoints):
             ck.read(t.name, index, buf)
-            term = acc if i == 0 else tmp
-            np.copyto(term, buf.view(t.dtype))  # exact widening to float64
-            term *= weights[i]
-            if i:
-                acc += tmp
-        if not allow_nonfinite and not np.isfinite(acc).all():
-            _blame_nonfinite(checkpoints, t, index, buf)
-        acc /= scale
-        out = buf.view(t.dtype)  # the inputs are folded in: reuse their buffer for the result
-        np.copyto(out, acc, casting="unsafe")
-        write(t, index, out)
+            fold_in(i, buf, acc, tmp, t)
+        finish(t, index, acc, buf)  # the inputs are folded in: their buffer takes the result
         return buf.nbytes * len(checkpoints)
 
+    def fold_whole(t: Tensor, buffers: Buffers) -> int:
+        """Tensor `t` read whole from each checkpoint in turn, folded a piece at a time into
+        a float64 sum of its size: the same arithmetic, each input decoded once."""
+        acc, tmp = np.empty(t.shape), buffers[1]
+        for i, ck in enumerate(checkpoints):
+            x = ck.read_whole(t.name)
+            for index in blocks(t.shape, tmp.size):
+                part = acc[index]
+                fold_in(i, x[index], part, tmp[: part.size].reshape(part.shape), t)
+        finish(t, (), acc, x.view(t.stored))
+        return t.nbytes * len(checkpoints)
+
     try:
-        _each_piece(tensors, piece, max_memory, bar)
+        _each_piece(tensors, piece, max_memory, bar, whole=whole)
     finally:
         if bar is not None:
             bar.close()
@@ -263,9 +291,12 @@ def _each_piece(
     piece: Callable[[Tensor, tuple[slice, ...], Buffers], int],
     max_memory: int | None,
     bar=None,
+    *,
+    whole: Collection[str] = (),
 ) -> None:
-    """Call `piece(t, index, buffers)` on every block of every tensor; it returns the bytes
-    it read, for the progress `bar`.
+    """Call `piece(t, index, buffers)` on every block of every tensor (once, with index
+    `()`, for the tensors named in `whole`); it returns the bytes it read, for the
+    progress `bar`.
 
     Pieces are independent, so a few threads take them in turn (reads and numpy release the
     GIL), each with its own buffers: memory depends on neither the model's size nor the
@@ -273,7 +304,11 @@ def _each_piece(
     stops new pieces, waits for every worker, then is raised.
     """
     workers, elements = piece_layout(max_memory)
-    jobs = enumerate((t, index) for t in tensors for index in blocks(t.shape, elements))
+    jobs = enumerate(
+        (t, index)
+        for t in tensors
+        for index in ([()] if t.name in whole else blocks(t.shape, elements))
+    )
     lock = threading.Lock()  # guards `jobs` and the progress bar
     stop = threading.Event()  # set on the first error or signal: no new pieces start
     errors: dict[int, BaseException] = {}  # by piece number

@@ -70,7 +70,7 @@ def _staged(dest: Path, need: int, *, folder: bool, suffix: str = ".tmp") -> Ite
         tmp = _temp(dest, suffix, folder)
     except OSError as e:
         _remove_dirs(made)
-        raise StreamavgError(f"{dest}: cannot write ({_why(e)})") from None
+        raise StreamavgError(f"{dest}: cannot write ({why(e)})") from None
     except BaseException:
         _remove_dirs(made)
         raise
@@ -79,7 +79,7 @@ def _staged(dest: Path, need: int, *, folder: bool, suffix: str = ".tmp") -> Ite
         yield tmp
     except WRITE_ERRORS as e:  # from the writers: reading errors are StreamavgErrors by now
         _discard(tmp, made)
-        raise StreamavgError(f"{dest}: cannot write ({_why(e)})") from None
+        raise StreamavgError(f"{dest}: cannot write ({why(e)})") from None
     except BaseException:
         _discard(tmp, made)
         raise
@@ -91,10 +91,11 @@ def _durable(path: Path) -> None:
     os.umask(umask)
     for p in [path, *(sorted(path.rglob("*")) if path.is_dir() else [])]:
         os.chmod(p, (0o777 if p.is_dir() else 0o666) & ~umask)
-        _sync(p)
+        sync(p)
 
 
-def _sync(path: Path) -> None:
+def sync(path: Path) -> None:
+    """fsync a file or a folder (a folder's entries: renames and links in it)."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -102,7 +103,8 @@ def _sync(path: Path) -> None:
         os.close(fd)
 
 
-def _exists(dest: Path) -> UsageError:
+def already_exists(dest: Path) -> UsageError:
+    """The refusal to replace `dest` without --overwrite."""
     return UsageError(f"{dest}: already exists (pass {option('overwrite', True)} to replace it)")
 
 
@@ -115,14 +117,14 @@ def _publish_file(tmp: Path, dest: Path, overwrite: bool) -> None:
         try:
             os.link(tmp, dest)  # fails if dest exists, even if it appeared a moment ago
         except FileExistsError:
-            raise _exists(dest) from None
+            raise already_exists(dest) from None
         except OSError:  # no hard links on this file system: check, then rename
             if dest.exists() or dest.is_symlink():
-                raise _exists(dest) from None
+                raise already_exists(dest) from None
             os.replace(tmp, dest)
         else:
             tmp.unlink()
-    _sync(dest.parent)
+    sync(dest.parent)
 
 
 def _publish_dir(tmp: Path, dest: Path, overwrite: bool) -> None:
@@ -134,7 +136,7 @@ def _publish_dir(tmp: Path, dest: Path, overwrite: bool) -> None:
         try:
             dest.mkdir()
         except FileExistsError:
-            raise _exists(dest) from None
+            raise already_exists(dest) from None
     elif dest.exists():
         aside = _temp(dest, ".old", folder=True)
         os.replace(dest, aside)
@@ -144,7 +146,7 @@ def _publish_dir(tmp: Path, dest: Path, overwrite: bool) -> None:
         if not overwrite:
             dest.rmdir()  # the claim, still empty
         raise
-    _sync(dest.parent)
+    sync(dest.parent)
     if aside is not None:
         shutil.rmtree(aside, ignore_errors=True)
 
@@ -202,7 +204,7 @@ def _check_space(dest: Path, need: int) -> None:
         )
 
 
-def _why(e: BaseException) -> str:
+def why(e: BaseException) -> str:
     """The system's reason for a failed write, also when HDF5 reports it inside its message."""
     errno = system_errno(e)
     return os.strerror(errno) if errno else reason(e)

@@ -38,6 +38,8 @@ from .names import (
 )
 from .output import OUTPUT_DIR, refuse_url
 
+#: What a scan looks for, as messages name it.
+KINDS = "(*.keras, *.h5, *.hdf5, *.weights.json, *.safetensors, or a checkpoint folder)"
 MTIME_NOTE = "file names carry no epoch number; ordered by modification time"
 _DIGITS = re.compile(r"(\d+)")
 
@@ -202,7 +204,7 @@ def _scan(directory: Path, pattern: str | None, notes: list[str]) -> list[Path]:
                 "beside the checkpoints in it (name the folders to take them instead)"
             )
     if not found:
-        what = f"matches {pattern!r}" if pattern else "(*.keras, *.h5 or *.hdf5)"
+        what = f"matches {pattern!r}" if pattern else KINDS
         raise StreamavgError(f"{directory}: no checkpoint {what}")
     return found
 

@@ -19,6 +19,7 @@ from conftest import files, snapshot
 from streamavg import __version__, scheme_weights
 from streamavg.cli import main
 from streamavg.formats import open_checkpoint
+from streamavg.select import KINDS
 
 
 def run(capsys, *args: object) -> tuple[int, str, str]:
@@ -71,7 +72,7 @@ def no_weights_member(path: Path) -> None:
 # (case copied, how to damage it, extra arguments, expected message after "error: ", exit code)
 BAD = {
     "missing directory": (None, None, [], "{d}/nope: no such file or directory", 1),
-    "empty directory": ("empty", None, [], "{d}/empty: no checkpoint (*.keras, *.h5 or *.hdf5)", 1),
+    "empty directory": ("empty", None, [], f"{{d}}/empty: no checkpoint {KINDS}", 1),
     "pattern matches nothing": (
         "k3-weights",
         None,
@@ -83,7 +84,8 @@ BAD = {
         "k3-weights",
         lambda d: (d / "model_3.weights.h5").write_text("hello"),
         [],
-        "{d}/k3-weights/model_3.weights.h5: not a checkpoint (neither HDF5, .keras nor safetensors)",
+        "{d}/k3-weights/model_3.weights.h5: not a checkpoint "
+        "(neither HDF5, .keras nor safetensors)",
         1,
     ),
     "HDF5 but not Keras": (

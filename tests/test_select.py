@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from streamavg.errors import StreamavgError, UsageError
-from streamavg.select import natural_key, parse_epochs, select_checkpoints
+from streamavg.select import KINDS, natural_key, parse_epochs, select_checkpoints
 
 
 def touch(directory: Path, *names: str, mtime: int | None = None) -> list[Path]:
@@ -200,7 +200,7 @@ def test_missing_path(tmp_path):
 @pytest.mark.parametrize("contents", [(), ("notes.txt", "checkpoint.json")])
 def test_directory_without_checkpoints(tmp_path, contents):
     touch(tmp_path, *contents)
-    error(StreamavgError, f"{tmp_path}: no checkpoint (*.keras, *.h5 or *.hdf5)", [tmp_path])
+    error(StreamavgError, f"{tmp_path}: no checkpoint {KINDS}", [tmp_path])
 
 
 def test_pattern_matching_nothing(tmp_path):

@@ -206,27 +206,3 @@ def test_resumed_run_with_metrics_in_names_claims_epochs_twice(resumed):
     with pytest.raises(streamavg.StreamavgError) as e:
         select_checkpoints([resumed / "named"])
     assert str(e.value) == f"{a} and {b} are both epoch 3; keep one of them"
-
-
-def test_sharded_weights_are_refused_not_taken_shard_by_shard(tmp_path, capsys):
-    """save_weights("x.weights.json", max_shard_size=...) writes a manifest and shards that
-    each hold part of the model: until they are read as one checkpoint, refuse them."""
-    model = make_model()
-    ckpts = tmp_path / "ckpts"
-    ckpts.mkdir()
-    for epoch in (1, 2):
-        model.fit(X, Y, epochs=1, **QUICK)
-        model.save_weights(ckpts / f"model_{epoch}.weights.json", max_shard_size=1.5e-7)
-    shards = sorted(ckpts.glob("model_1_*.weights.h5"))
-    assert len(shards) > 1  # really sharded
-    manifest = ckpts / "model_1.weights.json"
-    why = "sharded Keras weights (a .weights.json manifest and its shards) are not read yet"
-    first_shards = [shards[0], ckpts / "model_2_00000.weights.h5"]
-    for args, culprit in [
-        ([ckpts], f"{manifest}: {why}"),
-        ([manifest], f"{manifest}: {why}"),
-        (first_shards, f"{shards[0]}: a shard of {manifest}; {why}"),
-    ]:
-        assert main([*map(str, args), "-q"]) == 1
-        assert capsys.readouterr().err == f"streamavg: error: {culprit}\n"
-    assert not (ckpts / "averaged").exists()

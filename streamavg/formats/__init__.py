@@ -24,7 +24,7 @@ from pathlib import Path
 from types import ModuleType
 
 from ..errors import StreamavgError
-from . import hdf5, keras_dir, keras_zip, safetensors
+from . import hdf5, keras_dir, keras_sharded, keras_zip, orbax, safetensors
 from .base import PROVENANCE_KEY, Reader, Tensor, require_regular_file, stat_of
 
 __all__ = [
@@ -42,7 +42,7 @@ __all__ = [
 ]
 
 #: The adapters, in the order they are asked to claim a path.
-ADAPTERS: tuple[ModuleType, ...] = (keras_dir, keras_zip, safetensors, hdf5)
+ADAPTERS: tuple[ModuleType, ...] = (keras_dir, keras_sharded, keras_zip, safetensors, orbax, hdf5)
 SUFFIXES = {f: s for a in ADAPTERS for f, s in a.SUFFIXES.items()}
 ACCEPTED = {f: s for a in ADAPTERS for f, s in a.ACCEPTED.items()}
 FOLDERS = tuple(f for f, s in SUFFIXES.items() if not s)  # checkpoints that are folders

@@ -104,6 +104,11 @@ class Reader:
         """What an earlier streamavg run recorded in this checkpoint, if it made it."""
         return None
 
+    def whole_reads(self, name: str) -> bool:
+        """Whether reading any block of tensor `name` decodes all of it (one compressed
+        chunk), so that the fold reads it once, whole, from each checkpoint in turn."""
+        return False
+
     def layer(self, name: str) -> str:
         """The layer tensor `name` belongs to, whose tensors are averaged or taken together
         (a quantized kernel with its scale): its group, in a file of groups."""
