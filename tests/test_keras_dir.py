@@ -147,3 +147,21 @@ def test_a_killed_run_leaves_no_folder_and_the_next_run_cleans_up(slow, run_dir,
     assert temp.name.startswith(f".avg.streamavg-{proc.pid}@") and temp.is_dir()
     assert main([str(run_dir), "-o", str(tmp_path / "other"), "--quiet"]) == 0
     assert sorted(p.name for p in tmp_path.iterdir()) == ["other"]
+
+
+def test_a_failed_write_leaves_no_folder(run_dir, tmp_path):
+    """Over the file size limit part way through the weights: one line, and neither the
+    output folder nor a temporary one left."""
+    out = tmp_path / "new" / "avg"
+    limit = "import resource; resource.setrlimit(resource.RLIMIT_FSIZE, (4000, 4000)); "
+    run = f"{limit}import sys; from streamavg.cli import main; sys.exit(main(sys.argv[1:]))"
+    done = subprocess.run(
+        [sys.executable, "-c", run, str(run_dir), "-o", str(out), "-q"],
+        capture_output=True,
+        text=True,
+    )
+    assert (done.returncode, done.stderr) == (
+        1,
+        f"streamavg: error: {out}: cannot write (File too large)\n",
+    )
+    assert list(tmp_path.iterdir()) == []

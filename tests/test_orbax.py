@@ -329,3 +329,45 @@ def test_without_tensorstore_in_process(runs, tmp_path, monkeypatch, capsys):
     assert main([str(root), "-o", str(tmp_path / "out")]) == 1
     assert capsys.readouterr().err == f"streamavg: error: {MESSAGE.format(root / '4')}\n"
     assert not (tmp_path / "out").exists()
+
+
+# -- damaged inputs, failed and killed writes --------------------------------------------
+
+
+def damaged(runs, tmp_path, damage) -> Path:
+    """A copy of the f32 run whose step 1 `damage(step)` has broken."""
+    root = Path(shutil.copytree(runs["f32"]["root"], tmp_path / "run"))
+    damage(root / "1")
+    return root
+
+
+def test_a_step_without_its_manifest_is_refused(runs, tmp_path, capsys):
+    root = damaged(runs, tmp_path, lambda step: (step / "pytree" / "manifest.ocdbt").unlink())
+    before = snapshot(root)
+    assert main([str(root), "-o", str(tmp_path / "out"), "-q"]) == 1
+    assert capsys.readouterr().err == (
+        f"streamavg: error: {root / '1'}: incomplete Orbax checkpoint (no manifest.ocdbt)\n"
+    )
+    assert snapshot(root) == before and not (tmp_path / "out").exists()
+
+
+def test_corrupt_tree_metadata_is_refused(runs, tmp_path, capsys):
+    root = damaged(runs, tmp_path, lambda step: (step / "pytree" / "_METADATA").write_text("{"))
+    assert main([str(root), "-o", str(tmp_path / "out"), "-q"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"streamavg: error: {root / '1'}: corrupt Orbax metadata in _METADATA (")
+    assert err.count("\n") == 1 and not (tmp_path / "out").exists()
+
+
+def test_a_failed_write_leaves_no_output_and_no_temporary_folder(runs, tmp_path):
+    """The file size limit stops the writer part way: one line, no output folder, and no
+    temporary folder left beside it."""
+    out = tmp_path / "out" / "avg"
+    limit = "import resource; resource.setrlimit(resource.RLIMIT_FSIZE, (2000, 2000)); "
+    run = f"{limit}import sys; from streamavg.cli import main; sys.exit(main(sys.argv[1:]))"
+    cmd = [sys.executable, "-c", run, str(runs["f32"]["root"]), "-o", str(out), "-q"]
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    assert done.returncode == 1
+    assert done.stderr.startswith(f"streamavg: error: {out}: cannot write (")
+    assert done.stderr.count("\n") == 1
+    assert list(tmp_path.iterdir()) == []  # the folder made for the output went too

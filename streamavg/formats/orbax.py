@@ -231,7 +231,7 @@ class Checkpoint(Reader):
                 raise StreamavgError(f"{self.path}: {leaf.name}: unsupported dtype {dtype}")
             self.tensors[leaf.name] = Tensor(leaf.name, tuple(array.shape), dtype, leaf.part, dtype)
         chunks = [_chunk_bytes(self._arrays[n]) for n in self.tensors if not self.whole_reads(n)]
-        self._reads = _context(self._ts, max(chunks, default=0) + CACHE_SLACK)
+        self._reads = _context(self._ts, max(chunks) + CACHE_SLACK if chunks else 0)
 
     def _files(self) -> dict[str, tuple[int, ...]]:
         """Every file of the step, with what must not change while it is read."""
