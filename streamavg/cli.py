@@ -163,7 +163,13 @@ def _selection(args: argparse.Namespace, **given: str) -> dict:
 
 def _print_notes(p: Plan | Result) -> None:
     for note in p.notes:
-        print(f"streamavg: note: {note}", file=sys.stderr)
+        print(f"streamavg: note: {one_line(note)}", file=sys.stderr)
+
+
+def one_line(text: str) -> str:
+    """`text` with control characters escaped (`\\n`), so that a file or tensor named with
+    a newline cannot split a message or forge another."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in str(text))
 
 
 def _add_scheme(p: argparse.ArgumentParser) -> argparse._ArgumentGroup:
@@ -374,13 +380,14 @@ def _report(e: BaseException) -> int:
         print(f"streamavg: stopped by {sig.name}; temporary files removed", file=sys.stderr)
         return 128 + sig
     if isinstance(e, StreamavgError):
-        print(f"streamavg: error: {e}", file=sys.stderr)
+        print(f"streamavg: error: {one_line(e)}", file=sys.stderr)
         return e.exit_code
     if isinstance(e, BrokenPipeError):  # `streamavg inspect x | head`
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 1
     if isinstance(e, OSError):
-        print(f"streamavg: error: {e.filename or ''}: {e.strerror or e}", file=sys.stderr)
+        where = e.filename or ""
+        print(f"streamavg: error: {one_line(f'{where}: {e.strerror or e}')}", file=sys.stderr)
         return 1
     raise e
 

@@ -91,6 +91,8 @@ def test_an_existing_output_folder_is_replaced_only_with_overwrite(run_dir, tmp_
         f"streamavg: error: {out}: already exists (pass --overwrite to replace it)\n"
     )
     assert snapshot(out) == before
+    assert main([str(run_dir), "-o", str(out), "--overwrite", "-q"]) == 0
+    assert snapshot(out) == before  # the same inputs, the same bytes
     assert main([str(run_dir), "--scheme", "linear", "-o", str(out), "--overwrite", "-q"]) == 0
     assert snapshot(out) != before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["avg"]  # the old one is gone

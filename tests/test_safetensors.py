@@ -18,15 +18,18 @@ import ml_dtypes
 import numpy as np
 import pytest
 from conftest import snapshot, ulp_distance
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 safetensors = pytest.importorskip("safetensors")
 from safetensors import safe_open  # noqa: E402
 from safetensors.numpy import load_file, save, save_file  # noqa: E402
 
 import streamavg  # noqa: E402
-from streamavg.cli import main  # noqa: E402
+from streamavg.cli import main, one_line  # noqa: E402
 from streamavg.errors import StreamavgError  # noqa: E402
 from streamavg.formats import open_checkpoint  # noqa: E402
+from streamavg.formats.safetensors import DTYPES  # noqa: E402
 
 STEPS = (100, 200, 1000)  # 1000 sorts before 200 as text: the order must come from the numbers
 BIG = "model.embed.weight"  # bigger than a piece under --max-memory 1M: read in blocks
@@ -615,3 +618,56 @@ def test_a_sharded_folder_keeps_its_config_but_not_training_state(made, tmp_path
     assert sorted(p.name for p in out.iterdir()) == sorted([INDEX, *SHARDS, *kept])
     for name, text in kept.items():
         assert (out / name).read_text() == text
+
+
+# -- any header at all ------------------------------------------------------------------------
+
+JSON = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.floats() | st.text(max_size=8),
+    lambda inner: (
+        st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4)
+    ),
+    max_leaves=12,
+)
+ENTRY = st.fixed_dictionaries(
+    {
+        "dtype": st.sampled_from([*DTYPES, "C64", ""]) | JSON,
+        "shape": st.lists(st.integers(-2, 4), max_size=3) | JSON,
+        "data_offsets": st.lists(st.integers(-2, 40), min_size=2, max_size=2) | JSON,
+    }
+)
+
+
+@settings(
+    max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    header=st.dictionaries(st.text(max_size=6), ENTRY | JSON, max_size=4),
+    data=st.binary(max_size=48),
+)
+def test_any_header_is_read_exactly_or_refused_in_one_line(tmp_path, header, data):
+    """Whatever the header holds, opening the file either lists tensors whose bytes are
+    exactly their data ranges, or refuses with a StreamavgError; nothing else escapes."""
+    path = tmp_path / "x.safetensors"
+    path.write_bytes(raw(header, data))
+    try:
+        ck = open_checkpoint(path)
+    except StreamavgError as e:
+        assert str(e).startswith(f"{path}: ")
+        assert "\n" not in one_line(e)  # as the command line prints it
+        return
+    with ck:
+        start = 8 + len(json.dumps(header).encode())
+        for name, t in ck.tensors.items():
+            begin, end = header[name]["data_offsets"]
+            assert ck.read_whole(name).tobytes() == data[begin:end]
+            assert t.nbytes == end - begin and start + end <= path.stat().st_size
+
+
+def test_a_name_with_a_newline_cannot_split_the_message(tmp_path, capsys):
+    path = tmp_path / "x.safetensors"
+    path.write_bytes(raw({"w\nstreamavg: note: all good": entry(dtype="C64")}, bytes(8)))
+    assert main([str(path), "-q"]) == EXIT_ERROR
+    assert capsys.readouterr().err == (
+        f'streamavg: error: {path}: w\\nstreamavg: note: all good: unknown dtype "C64"\n'
+    )

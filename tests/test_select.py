@@ -662,3 +662,13 @@ def test_a_monitor_missing_from_the_log_is_named_before_its_direction(tmp_path):
     log = csv_log(tmp_path / "log.csv", "0,1.0,0.9", "1,0.8,0.5")
     message = f"monitor='val_los': not logged in {log} (columns: loss, val_loss)"
     error(UsageError, message, [tmp_path], best=1, monitor="val_los", log=log)
+
+
+def test_a_scan_looks_for_every_file_container():
+    """Each adapter's file names are among those a directory scan takes."""
+    from streamavg.formats import ACCEPTED
+    from streamavg.names import CHECKPOINT_SUFFIXES
+
+    for fmt, suffixes in ACCEPTED.items():
+        for suffix in suffixes:
+            assert suffix.endswith(CHECKPOINT_SUFFIXES), (fmt, suffix)
