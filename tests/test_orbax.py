@@ -12,9 +12,11 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import ml_dtypes
@@ -371,3 +373,56 @@ def test_a_failed_write_leaves_no_output_and_no_temporary_folder(runs, tmp_path)
     assert done.stderr.startswith(f"streamavg: error: {out}: cannot write (")
     assert done.stderr.count("\n") == 1
     assert list(tmp_path.iterdir()) == []  # the folder made for the output went too
+
+
+BIG = textwrap.dedent(
+    """
+    import os, sys, warnings
+    os.environ["KERAS_BACKEND"] = "jax"
+    warnings.filterwarnings("ignore")
+    import numpy as np, keras
+    i = keras.Input((1000,))
+    model = keras.Model(i, keras.layers.Dense(4000, name="dense")(i))
+    model.compile(keras.optimizers.SGD(name="sgd"), "mse")
+    cb = keras.callbacks.OrbaxCheckpoint(sys.argv[1], save_freq="epoch")
+    x, y = np.ones((2, 1000), "float32"), np.ones((2, 4000), "float32")
+    model.fit(x, y, callbacks=[cb], verbose=0)
+    """
+)
+
+
+@pytest.fixture(scope="module")
+def slow(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """40 steps, hard links to one step of a 16 MB model: a run long enough to be killed."""
+    base = tmp_path_factory.mktemp("orbax-slow")
+    env = {**os.environ, "KERAS_BACKEND": "jax", "JAX_PLATFORMS": "cpu"}
+    done = subprocess.run(
+        [sys.executable, "-c", BIG, str(base / "one")], env=env, capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    (step,) = (base / "one").iterdir()
+    for k in range(40):
+        for src in step.rglob("*"):
+            dst = base / "root" / str(k) / src.relative_to(step)
+            if src.is_dir():
+                dst.mkdir(parents=True, exist_ok=True)
+            else:
+                dst.parent.mkdir(parents=True, exist_ok=True)
+                os.link(src, dst)
+    return base / "root"
+
+
+def test_a_killed_run_leaves_no_output_and_the_next_run_cleans_up(slow, tmp_path):
+    out = tmp_path / "avg"
+    cmd = [sys.executable, "-m", "streamavg", str(slow), "-o", str(out), "--quiet"]
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True)
+    while not list(tmp_path.glob(".avg.streamavg-*")):
+        assert proc.poll() is None, proc.stderr.read()
+        time.sleep(0.002)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not out.exists()
+    (temp,) = tmp_path.iterdir()
+    assert temp.name.startswith(f".avg.streamavg-{proc.pid}@") and temp.is_dir()
+    assert main([str(slow), "--last", "2", "-o", str(tmp_path / "again"), "-q"]) == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["again"]

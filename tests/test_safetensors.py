@@ -8,7 +8,11 @@ import json
 import os
 import resource
 import shutil
+import signal
 import struct
+import subprocess
+import sys
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -671,3 +675,40 @@ def test_a_name_with_a_newline_cannot_split_the_message(tmp_path, capsys):
     assert capsys.readouterr().err == (
         f'streamavg: error: {path}: w\\nstreamavg: note: all good: unknown dtype "C64"\n'
     )
+
+
+@pytest.fixture(scope="module")
+def slow(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """60 hard links to one 32 MB file, and 60 sharded folders of links: runs long enough
+    to be killed while they write."""
+    root = tmp_path_factory.mktemp("slow")
+    rng = np.random.default_rng(1)
+    save_file({"w": rng.standard_normal((2000, 4000)).astype(np.float32)}, root / "one.safetensors")
+    write_sharded(
+        root / "folder", {"w": load_file(root / "one.safetensors")["w"]}, {SHARDS[0]: ["w"]}
+    )
+    for i in range(60):
+        (root / "files").mkdir(exist_ok=True)
+        os.link(root / "one.safetensors", root / "files" / f"step_{i:02d}.safetensors")
+        (root / "sharded" / f"checkpoint-{i:02d}").mkdir(parents=True)
+        for f in (root / "folder").iterdir():
+            os.link(f, root / "sharded" / f"checkpoint-{i:02d}" / f.name)
+    return root
+
+
+@pytest.mark.parametrize(("which", "name"), [("files", "avg.safetensors"), ("sharded", "avg")])
+def test_a_killed_run_leaves_no_output_and_the_next_run_cleans_up(slow, tmp_path, which, name):
+    out = tmp_path / name
+    cmd = [sys.executable, "-m", "streamavg", str(slow / which), "-o", str(out), "--quiet"]
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True)
+    while not list(tmp_path.glob(f".{name}.streamavg-*")):
+        assert proc.poll() is None, proc.stderr.read()
+        time.sleep(0.002)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not out.exists()
+    (temp,) = tmp_path.iterdir()
+    assert temp.name.startswith(f".{name}.streamavg-{proc.pid}@")
+    again = tmp_path / f"again-{name}"
+    assert main([str(slow / which), "--last", "2", "-o", str(again), "-q"]) == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == [again.name]
