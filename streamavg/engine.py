@@ -180,7 +180,7 @@ def _differing(
     """The names of `tensors` whose values are not the same in all `checkpoints`, compared
     a block at a time; with `refuse`, the first such tensor is an error instead."""
     newest, found = checkpoints[-1], set()
-    whole = {t.name for t in tensors if any(ck.whole_reads(t.name) for ck in checkpoints)}
+    whole = _read_whole(checkpoints, tensors)
 
     def piece(t: Tensor, index: tuple[slice, ...], buffers: Buffers) -> int:
         if t.name in found:
@@ -229,7 +229,7 @@ def fold(
     scale = weights.sum()
     total = sum(t.nbytes for t in tensors) * len(checkpoints)
     bar = bytes_bar(total, "averaging") if progress else None
-    whole = {t.name for t in tensors if any(ck.whole_reads(t.name) for ck in checkpoints)}
+    whole = _read_whole(checkpoints, tensors)
 
     def fold_in(i: int, x: np.ndarray, acc: np.ndarray, tmp: np.ndarray, t: Tensor) -> None:
         """acc (+)= weights[i] * x, in float64: exact widening, then the product."""
@@ -277,6 +277,11 @@ def fold(
             bar.close()
     for ck in checkpoints:
         ck.check_unchanged()
+
+
+def _read_whole(checkpoints: Sequence[Reader], tensors: Sequence[Tensor]) -> set[str]:
+    """The tensors that some checkpoint decodes whole for any read: read once, whole."""
+    return {t.name for t in tensors if any(ck.whole_reads(t.name) for ck in checkpoints)}
 
 
 def _block(buffer: np.ndarray, t: Tensor, index: tuple[slice, ...]) -> np.ndarray:

@@ -6,6 +6,7 @@ import hashlib
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -63,3 +64,27 @@ def ulp_distance(a: np.ndarray, b: np.ndarray) -> int:
         return np.where(i < 0, np.iinfo(ints).min - i, i)
 
     return int(np.abs(ordered(a) - ordered(b)).max(initial=0))
+
+
+def temporary(directory: Path) -> list[Path]:
+    """The temporary outputs of runs in `directory`: `.NAME.streamavg-PID@HOST.XXXXXXXX...`."""
+    return sorted(directory.glob(".*.streamavg-*"))
+
+
+def wait_for_temporary(directory: Path, proc: subprocess.Popen) -> Path:
+    """The run's temporary output, as soon as it exists: the run is then writing."""
+    while not temporary(directory):
+        assert proc.poll() is None, proc.stderr.read()
+        time.sleep(0.002)
+    return temporary(directory)[0]
+
+
+def killed_while_writing(directory: Path, *args: object) -> tuple[int, Path]:
+    """Run `python -m streamavg ARGS --quiet`, whose output goes into `directory`, and
+    SIGKILL it as soon as it writes there; its process id and its temporary output."""
+    cmd = [sys.executable, "-m", "streamavg", *map(str, args), "--quiet"]
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True)
+    temp = wait_for_temporary(directory, proc)
+    proc.kill()
+    proc.wait()
+    return proc.pid, temp

@@ -11,7 +11,6 @@ import signal
 import struct
 import subprocess
 import sys
-import time
 import warnings
 import zipfile
 from pathlib import Path
@@ -19,7 +18,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
-from conftest import files, snapshot
+from conftest import files, killed_while_writing, snapshot, temporary, wait_for_temporary
 
 import streamavg
 from streamavg.cli import main
@@ -53,18 +52,6 @@ def start(*args: object, preexec=None) -> subprocess.Popen:
     return subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, preexec_fn=preexec)
 
 
-def temporary(directory: Path) -> list[Path]:
-    return sorted(directory.glob(".*.streamavg-*"))
-
-
-def wait_for_temporary(directory: Path, proc: subprocess.Popen) -> Path:
-    """The run's temporary output, as soon as it exists: the run is then writing."""
-    while not temporary(directory):
-        assert proc.poll() is None, proc.stderr.read()
-        time.sleep(0.002)
-    return temporary(directory)[0]
-
-
 def limit(kind: int, value: int):
     def preexec() -> None:
         resource.setrlimit(kind, (value, value))
@@ -79,12 +66,9 @@ def test_sigkill_leaves_no_output_and_the_next_run_removes_the_leftover(
     slow, checkpoints, tmp_path
 ):
     out = tmp_path / "avg.h5"
-    proc = start(slow, "-o", out)
-    temp = wait_for_temporary(tmp_path, proc)
-    proc.kill()
-    proc.wait()
+    pid, temp = killed_while_writing(tmp_path, slow, "-o", out)
     assert not out.exists()
-    assert re.fullmatch(rf"\.avg\.h5\.streamavg-{proc.pid}@[\w-]+\.\w+\.tmp", temp.name)
+    assert re.fullmatch(rf"\.avg\.h5\.streamavg-{pid}@[\w-]+\.\w+\.tmp", temp.name)
     assert temp.exists()  # clearly named, hidden, and not *.h5: no scan takes it for an input
     again = start(checkpoints / "k3-h5", "-o", tmp_path / "other.h5")
     assert again.wait() == 0, again.stderr.read()

@@ -5,16 +5,14 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import keras
 import numpy as np
 import pytest
-from conftest import snapshot, ulp_distance
+from conftest import killed_while_writing, snapshot, ulp_distance
 from training import FIT, X, Y, make_model
 
 import streamavg
@@ -137,16 +135,10 @@ def test_a_killed_run_leaves_no_folder_and_the_next_run_cleans_up(slow, run_dir,
     """Killed while writing: no output folder (nothing Keras could load), only a hidden
     temporary folder, which the next run in that folder removes."""
     out = tmp_path / "avg"
-    cmd = [sys.executable, "-m", "streamavg", str(slow), "-o", str(out), "--quiet"]
-    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True)
-    while not list(tmp_path.glob(".avg.streamavg-*")):
-        assert proc.poll() is None, proc.stderr.read()
-        time.sleep(0.002)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
+    pid, temp = killed_while_writing(tmp_path, slow, "-o", out)
     assert not out.exists()
-    (temp,) = tmp_path.iterdir()
-    assert temp.name.startswith(f".avg.streamavg-{proc.pid}@") and temp.is_dir()
+    assert list(tmp_path.iterdir()) == [temp]
+    assert temp.name.startswith(f".avg.streamavg-{pid}@") and temp.is_dir()
     assert main([str(run_dir), "-o", str(tmp_path / "other"), "--quiet"]) == 0
     assert sorted(p.name for p in tmp_path.iterdir()) == ["other"]
 

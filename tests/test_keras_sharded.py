@@ -10,7 +10,6 @@ import resource
 import shutil
 import subprocess
 import sys
-import time
 import warnings
 from pathlib import Path
 
@@ -18,7 +17,7 @@ import h5py
 import keras
 import numpy as np
 import pytest
-from conftest import snapshot, ulp_distance
+from conftest import killed_while_writing, snapshot, temporary, ulp_distance
 from training import FIT, VAL, X, Y, make_model
 
 import streamavg
@@ -307,10 +306,6 @@ sys.exit(main(sys.argv[1:]))
 """
 
 
-def temporary(directory: Path) -> list[Path]:
-    return sorted(directory.glob(".*.streamavg-*"))
-
-
 def test_a_crash_at_any_step_of_replacing_an_output_leaves_old_or_new_never_a_mix(
     saved, model, tmp_path, capsys
 ):
@@ -373,12 +368,7 @@ def slow(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def test_killed_while_writing_leaves_nothing_loadable_and_the_next_run_cleans_up(slow, tmp_path):
     out = tmp_path / OUT
-    proc = subprocess.Popen([sys.executable, "-m", "streamavg", str(slow), "-o", str(out), "-q"])
-    while not temporary(tmp_path):
-        assert proc.poll() is None
-        time.sleep(0.002)
-    proc.kill()
-    proc.wait()
+    killed_while_writing(tmp_path, slow, "-o", out)
     assert not out.exists() and temporary(tmp_path)
     again = [slow / "model_000.weights.json", "-o", out, "-q"]
     assert subprocess.run([sys.executable, "-m", "streamavg", *map(str, again)]).returncode == 0

@@ -12,17 +12,15 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 
 import ml_dtypes
 import numpy as np
 import pytest
-from conftest import snapshot, ulp_distance
+from conftest import killed_while_writing, snapshot, ulp_distance
 
 pytest.importorskip("jax")
 pytest.importorskip("orbax.checkpoint")
@@ -414,15 +412,9 @@ def slow(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def test_a_killed_run_leaves_no_output_and_the_next_run_cleans_up(slow, tmp_path):
     out = tmp_path / "avg"
-    cmd = [sys.executable, "-m", "streamavg", str(slow), "-o", str(out), "--quiet"]
-    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True)
-    while not list(tmp_path.glob(".avg.streamavg-*")):
-        assert proc.poll() is None, proc.stderr.read()
-        time.sleep(0.002)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
+    pid, temp = killed_while_writing(tmp_path, slow, "-o", out)
     assert not out.exists()
-    (temp,) = tmp_path.iterdir()
-    assert temp.name.startswith(f".avg.streamavg-{proc.pid}@") and temp.is_dir()
+    assert list(tmp_path.iterdir()) == [temp]
+    assert temp.name.startswith(f".avg.streamavg-{pid}@") and temp.is_dir()
     assert main([str(slow), "--last", "2", "-o", str(tmp_path / "again"), "-q"]) == 0
     assert sorted(p.name for p in tmp_path.iterdir()) == ["again"]

@@ -8,11 +8,7 @@ import json
 import os
 import resource
 import shutil
-import signal
 import struct
-import subprocess
-import sys
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -21,7 +17,7 @@ from typing import NamedTuple
 import ml_dtypes
 import numpy as np
 import pytest
-from conftest import snapshot, ulp_distance
+from conftest import killed_while_writing, snapshot, ulp_distance
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -699,16 +695,10 @@ def slow(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.mark.parametrize(("which", "name"), [("files", "avg.safetensors"), ("sharded", "avg")])
 def test_a_killed_run_leaves_no_output_and_the_next_run_cleans_up(slow, tmp_path, which, name):
     out = tmp_path / name
-    cmd = [sys.executable, "-m", "streamavg", str(slow / which), "-o", str(out), "--quiet"]
-    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True)
-    while not list(tmp_path.glob(f".{name}.streamavg-*")):
-        assert proc.poll() is None, proc.stderr.read()
-        time.sleep(0.002)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
+    pid, temp = killed_while_writing(tmp_path, slow / which, "-o", out)
     assert not out.exists()
-    (temp,) = tmp_path.iterdir()
-    assert temp.name.startswith(f".{name}.streamavg-{proc.pid}@")
+    assert list(tmp_path.iterdir()) == [temp]
+    assert temp.name.startswith(f".{name}.streamavg-{pid}@")
     again = tmp_path / f"again-{name}"
     assert main([str(slow / which), "--last", "2", "-o", str(again), "-q"]) == 0
     assert sorted(p.name for p in tmp_path.iterdir()) == [again.name]

@@ -155,6 +155,24 @@ def stat_of(path: Path) -> os.stat_result:
         raise StreamavgError(f"{path}: cannot read ({e.strerror})") from None
 
 
+def pread_into(
+    fd: int | None, path: Path, known: tuple[int, ...], offset: int, out: np.ndarray
+) -> None:
+    """Fill `out` from byte `offset` of the open file `fd`, or, where the file was let go
+    of (`fd` None), of `path` opened again and checked to be the file `known` (see
+    `identity`); a short read is an OSError."""
+    own = os.open(path, os.O_RDONLY) if fd is None else None
+    try:
+        if own is not None:
+            check_same(path, known, os.fstat(own))
+        got = os.preadv(fd if own is None else own, [out.reshape(-1).view(np.uint8)], offset)
+    finally:
+        if own is not None:
+            os.close(own)
+    if got != out.nbytes:
+        raise OSError("unexpected end of file")
+
+
 def identity(st: os.stat_result) -> tuple[int, ...]:
     """What must not change while a file is being read: which file, its size, its mtime."""
     return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns

@@ -28,7 +28,16 @@ import numpy as np
 from ..blocks import flat_start
 from ..errors import StreamavgError, reason, system_errno
 from ..publish import OffsetWriter
-from .base import PROVENANCE_KEY, Reader, Tensor, Write, check_same, identity, stat_of
+from .base import (
+    PROVENANCE_KEY,
+    Reader,
+    Tensor,
+    Write,
+    check_same,
+    identity,
+    pread_into,
+    stat_of,
+)
 
 SUFFIXES = {
     "keras-weights": ".weights.h5",  # Keras 3 save_weights
@@ -182,8 +191,7 @@ class Checkpoint(Reader):
         HDF5 reads to list tensors, their shapes, dtypes and places, so every check made
         on `like` holds here too. Checkpoints of one run usually are built so; any other
         file is listed in full."""
-        direct = all(n in like._offsets for n, t in _model_items(like) if t.nbytes)
-        if not direct or like.size != self.size or like._optimizer != self._optimizer:
+        if not like._direct or like.size != self.size or like._optimizer != self._optimizer:
             return False
         if like._metadata is None:
             return False
@@ -399,24 +407,23 @@ class Checkpoint(Reader):
                 h5py.Dataset(self._datasets[name]).read_direct(out, source_sel=index or None)
                 return
             offset += flat_start(self.tensors[name].shape, index) * out.itemsize
-            fd = self._fd if self._fd is not None else self._reopen()
-            try:
-                got = os.preadv(fd, [out.reshape(-1).view(np.uint8)], offset)
-            finally:
-                if fd != self._fd:
-                    os.close(fd)
-            if got != out.nbytes:
-                raise OSError("unexpected end of file")
+            pread_into(self._fd, self._file, self._identity, offset, out)
         except (OSError, RuntimeError, TypeError) as e:
             raise StreamavgError(
                 f"{self.path}: {self.stored_name(name)}: unreadable ({reason(e)})"
             ) from None
 
+    @property
+    def _direct(self) -> bool:
+        """Whether every model tensor with data is read straight from the file, by offset."""
+        model = (n for n, t in self.tensors.items() if t.part == "model" and t.nbytes)
+        return all(n in self._offsets for n in model)
+
     def settle(self, release: bool) -> None:
         """Close the HDF5 handle if every model tensor can be read straight from the file;
         with `release`, close the file too, and reopen it by path for each read, checking
         that it is still the same file."""
-        if all(n in self._offsets for n, t in _model_items(self) if t.nbytes):
+        if self._direct:
             self._close_h5()
         if not release:
             return
@@ -427,15 +434,6 @@ class Checkpoint(Reader):
             )
         self.close()
         self._fd = None
-
-    def _reopen(self) -> int:
-        fd = os.open(self._file, os.O_RDONLY)
-        try:
-            check_same(self._file, self._identity, os.fstat(fd))
-        except StreamavgError:
-            os.close(fd)
-            raise
-        return fd
 
     def check_unchanged(self) -> None:
         check_same(self._file, self._identity)
@@ -471,10 +469,6 @@ class Checkpoint(Reader):
 
 def _text(value: object) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
-
-
-def _model_items(ck: Reader) -> Iterator[tuple[str, Tensor]]:
-    return ((n, t) for n, t in ck.tensors.items() if t.part == "model")
 
 
 def _names(group: h5py.Group, key: str) -> list[str]:

@@ -35,6 +35,7 @@ from .base import (
     Write,
     check_same,
     identity,
+    pread_into,
     require_regular_file,
     stat_of,
 )
@@ -198,25 +199,9 @@ class _File:
     def read_into(self, name: str, out: np.ndarray, begin: int) -> None:
         """Fill `out` with the data of tensor `name` from byte `begin` of the data."""
         try:
-            fd = self.fd if self.fd is not None else self._reopen()
-            try:
-                got = os.preadv(fd, [out.reshape(-1).view(np.uint8)], self.data_start + begin)
-            finally:
-                if fd != self.fd:
-                    os.close(fd)
-            if got != out.nbytes:
-                raise OSError("unexpected end of file")
+            pread_into(self.fd, self.path, self.identity, self.data_start + begin, out)
         except OSError as e:
             raise StreamavgError(f"{self.path}: {name}: unreadable ({reason(e)})") from None
-
-    def _reopen(self) -> int:
-        fd = os.open(self.path, os.O_RDONLY)
-        try:
-            check_same(self.path, self.identity, os.fstat(fd))
-        except StreamavgError:
-            os.close(fd)
-            raise
-        return fd
 
     def close(self) -> None:
         if self.fd is not None:
