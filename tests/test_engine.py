@@ -19,7 +19,8 @@ from hypothesis import strategies as st
 
 import streamavg
 from streamavg.blocks import block_shape, blocks, flat_start
-from streamavg.engine import BYTES_PER_ELEMENT, MIN_MEMORY, piece_layout
+from streamavg.engine import MIN_MEMORY, piece_elements, piece_layout
+from streamavg.formats import Tensor
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
@@ -44,11 +45,28 @@ def test_blocks_tile_a_tensor_in_order_with_contiguous_pieces(shape, elements):
 
 @given(st.integers(MIN_MEMORY, 1 << 34))
 def test_piece_layout_fits_the_budget(max_memory):
-    workers, elements = piece_layout(max_memory)
-    assert workers >= 1 and elements >= 1
-    assert workers * elements * BYTES_PER_ELEMENT <= max_memory
+    workers, budget = piece_layout(max_memory)
+    assert workers >= 1 and budget >= 1 and budget % 8 == 0  # a float64 view fits in it
+    assert workers * budget <= max_memory
     fastest = piece_layout(None)
-    assert workers <= fastest[0] and elements <= fastest[1]
+    assert workers <= fastest[0] and budget <= fastest[1]
+
+
+@given(
+    budget=st.integers(8, 1 << 24),
+    rows=st.integers(1, 1000),
+    skip=st.integers(0, 2),
+    dtype=st.sampled_from(["float16", "float32", "float64", "V2"]),
+)
+def test_piece_elements_fit_the_buffer_or_are_refused(budget, rows, skip, dtype):
+    t = Tensor("w", (7,), np.dtype(dtype), "model", np.dtype(dtype))
+    per_element = rows * t.stored.itemsize + 8 * skip
+    if per_element > budget:
+        with pytest.raises(streamavg.UsageError, match=f"at least {per_element} bytes a core"):
+            piece_elements(t, budget, rows, skip)
+        return
+    elements = piece_elements(t, budget, rows, skip)
+    assert elements * per_element <= budget < (elements + 1) * per_element
 
 
 @pytest.fixture(scope="module")
@@ -72,8 +90,9 @@ FORMATS = ("keras", "h5")
 
 @pytest.mark.parametrize("suffix", FORMATS)
 def test_bounded_memory_gives_the_default_result(wide, tmp_path, suffix):
-    _, elements = piece_layout(MIN_MEMORY)
-    assert elements < 40_000  # the kernel is split within its rows
+    _, budget = piece_layout(MIN_MEMORY)
+    kernel = Tensor("k", (4, 40_000), np.dtype("float32"), "model", np.dtype("float32"))
+    assert piece_elements(kernel, budget, 3, 1) < 40_000  # the kernel is split within its rows
     default, bounded = tmp_path / f"default.{suffix}", tmp_path / f"bounded.{suffix}"
     streamavg.average([wide / suffix], scheme="linear", output=default)
     streamavg.average([wide / suffix], scheme="linear", output=bounded, max_memory=MIN_MEMORY)
@@ -115,3 +134,38 @@ def test_more_checkpoints_than_open_files(checkpoints, tmp_path):
         if value.dtype.kind == "f":
             reference = np.mean(np.array([x[name] for x in inputs], np.float64), axis=0)
             assert ulp_distance(value, reference.astype(value.dtype)) <= 1, name
+
+
+def test_scalar_weights_are_averaged_and_compared(tmp_path):
+    """A layer's 0-d weights: a float one is averaged within 1 ulp, an int one that is the
+    same everywhere is copied, and one that differs is refused, naming it."""
+    keras = pytest.importorskip("keras")
+
+    class Scale(keras.layers.Layer):
+        def build(self, shape):
+            self.gain = self.add_weight(shape=(), initializer="ones", name="gain")
+            self.tag = self.add_weight(shape=(), dtype="int32", trainable=False, name="tag")
+
+        def call(self, x):
+            return x * self.gain
+
+    model = keras.Sequential([keras.Input((3,)), Scale()])
+    gains = [0.1, 1 / 3, 2.7, -5.0]
+    for i, gain in enumerate(gains):
+        model.layers[0].gain.assign(gain)
+        model.layers[0].tag.assign(7)
+        model.save_weights(tmp_path / f"m_{i}.weights.h5")
+    got = streamavg.average_tensors([tmp_path], scheme="linear")
+    weights = streamavg.scheme_weights("linear", len(gains))
+    reference = np.average(np.array(gains, np.float32).astype(np.float64), weights=weights)
+    assert got["layers/scale/vars/0"].shape == ()
+    assert ulp_distance(got["layers/scale/vars/0"], reference.astype(np.float32)) <= 1
+    assert got["layers/scale/vars/1"] == 7
+    model.layers[0].tag.assign(8)
+    model.save_weights(tmp_path / "m_4.weights.h5")
+    with pytest.raises(streamavg.StreamavgError) as e:
+        streamavg.average_tensors([tmp_path])
+    assert str(e.value).startswith(
+        f"{tmp_path / 'm_0.weights.h5'}: layers/scale/vars/1: int32 values differ from "
+        f"{tmp_path / 'm_4.weights.h5'} (integer weights"
+    )

@@ -78,7 +78,8 @@ def test_sigkill_leaves_no_output_and_the_next_run_removes_the_leftover(
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_sigint_and_sigterm_remove_the_temporary_file(slow, tmp_path, sig):
     out = tmp_path / "new" / "avg.h5"
-    proc = start(slow, "-o", out)
+    # A job started in the background inherits SIGINT ignored, and Python then keeps it so
+    proc = start(slow, "-o", out, preexec=lambda: signal.signal(sig, signal.SIG_DFL))
     wait_for_temporary(out.parent, proc)
     proc.send_signal(sig)
     _, err = proc.communicate(timeout=60)
