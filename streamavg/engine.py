@@ -1,11 +1,10 @@
 """The one streaming fold: weighted sums of every tensor, a cache-sized piece at a time.
 
-For each piece of each averaged tensor, the same rows are read from every checkpoint
-into one cache-sized buffer, folded by one call into a float64 sum in chronological
-order, divided by the sum of the weights and cast back to the stored dtype. That is
-exactly the arithmetic of ``np.average(stack, axis=0, weights=w)`` in float64: memory
-stays flat in the number of checkpoints (pieces get shorter as it grows) while the
-result matches the in-memory reference.
+For each piece of each averaged tensor, the same rows are read from every checkpoint,
+folded into a small float64 accumulator in chronological order, divided by the sum
+of the weights and cast back to the stored dtype. That is exactly the arithmetic of
+``np.average(stack, axis=0, weights=w)`` in float64, so memory stays flat in the
+number of checkpoints while the result matches the in-memory reference.
 """
 
 from __future__ import annotations
@@ -27,9 +26,10 @@ from .formats import Reader, Tensor, open_checkpoint
 from .formats.hdf5 import BY_POSITION
 from .progress import bytes_bar
 
-WORKER_BYTES = 2 << 20  # a worker's buffer: a piece of every checkpoint and its sum, in cache
+PIECE_BYTES = 1 << 20  # float64 accumulator per piece: stays in the CPU cache
+BYTES_PER_ELEMENT = 24  # a worker's buffers: float64 sum and term, stored values (<= 8 bytes)
 MIN_MEMORY = 1 << 20  # the smallest --max-memory: below it, per-call overhead dominates
-MIN_WORKER_BYTES = 384 << 10  # a smaller buffer costs more in per-call overhead than it saves
+MIN_PIECE = 1 << 14  # elements; smaller pieces cost more in per-call overhead than they save
 FD_RESERVE = 64  # file descriptors left for the interpreter, HDF5 and the output
 WORKERS = min(8, os.cpu_count() or 1)  # reads and numpy release the GIL: one per core
 
@@ -37,6 +37,7 @@ WORKERS = min(8, os.cpu_count() or 1)  # reads and numpy release the GIL: one pe
 INTEGER_POLICIES = ("equal", "newest")
 
 Write = Callable[[Tensor, tuple[slice, ...], np.ndarray], None]
+Buffers = tuple[np.ndarray, np.ndarray, np.ndarray]  # a worker's: float64, float64, bytes
 
 
 def open_all(paths: Sequence, stack: ExitStack) -> list[Reader]:
@@ -129,12 +130,15 @@ def _describe(t: Tensor) -> str:
 
 
 def piece_layout(max_memory: int | None) -> tuple[int, int]:
-    """Worker threads, and bytes of buffer each, that fit in `max_memory` bytes (without a
-    budget, WORKER_BYTES on every core)."""
+    """Worker threads and elements per piece whose buffers fit in `max_memory` bytes.
+
+    Each worker holds a float64 sum, a float64 term and the stored values: 24 bytes an
+    element at most. Without a budget, pieces are PIECE_BYTES of float64 on every core.
+    """
     if max_memory is None:
-        return WORKERS, WORKER_BYTES
-    workers = max(1, min(WORKERS, max_memory // MIN_WORKER_BYTES))
-    return workers, min(WORKER_BYTES, max_memory // workers) // 8 * 8
+        return WORKERS, PIECE_BYTES // 8
+    workers = max(1, min(WORKERS, max_memory // (BYTES_PER_ELEMENT * MIN_PIECE)))
+    return workers, max(1, min(PIECE_BYTES // 8, max_memory // (workers * BYTES_PER_ELEMENT)))
 
 
 def to_average(
@@ -178,15 +182,14 @@ def _differing(
     newest, found = checkpoints[-1], set()
     whole = _read_whole(checkpoints, tensors)
 
-    def piece(t: Tensor, index: tuple[slice, ...], buffer: np.ndarray) -> int:
+    def piece(t: Tensor, index: tuple[slice, ...], buffers: Buffers) -> int:
         if t.name in found:
             return 0
-        pair = _rows(buffer, t, index, 2)
 
         def values(ck: Reader) -> np.ndarray:
             if t.name in whole:  # each input decoded once
                 return ck.read_whole(t.name)
-            out = pair[0 if ck is newest else 1, ...]  # a view, even of a scalar tensor
+            out = _block(buffers[1 if ck is newest else 2], t, index)
             ck.read(t.name, index, out)
             return out
 
@@ -205,7 +208,7 @@ def _differing(
             break
         return ours.nbytes * len(checkpoints)
 
-    _each_piece(tensors, piece, max_memory, rows=2, whole=whole)
+    _each_piece(tensors, piece, max_memory, whole=whole)
     return found
 
 
@@ -243,24 +246,22 @@ def fold(
         np.copyto(out.view(t.dtype), acc, casting="unsafe")
         write(t, index, out.view(t.dtype))
 
-    def piece(t: Tensor, index: tuple[slice, ...], buffer: np.ndarray) -> int:
+    def piece(t: Tensor, index: tuple[slice, ...], buffers: Buffers) -> int:
+        sums, terms, raw = buffers
         if t.name in whole:
-            return fold_whole(t, buffer)
-        acc, rows = _sum(buffer, t, index), _rows(buffer, t, index, len(checkpoints), skip=1)
+            return fold_whole(t, buffers)
+        buf = _block(raw, t, index)
+        acc, tmp = sums[: buf.size].reshape(buf.shape), terms[: buf.size].reshape(buf.shape)
         for i, ck in enumerate(checkpoints):
-            ck.read(t.name, index, rows[i, ...])  # a view, even of a scalar tensor
-        # np.einsum adds the products in the order of the rows, each rounded once: the
-        # arithmetic of the loop in fold_in, in one call (and one release of the GIL)
-        np.einsum("k...,k->...", rows.view(t.dtype), weights, out=acc, dtype=np.float64)
-        finish(
-            t, index, acc, rows[0, ...]
-        )  # the inputs are folded in: their buffer takes the result
-        return rows.nbytes
+            ck.read(t.name, index, buf)
+            fold_in(i, buf, acc, tmp, t)
+        finish(t, index, acc, buf)  # the inputs are folded in: their buffer takes the result
+        return buf.nbytes * len(checkpoints)
 
-    def fold_whole(t: Tensor, buffer: np.ndarray) -> int:
+    def fold_whole(t: Tensor, buffers: Buffers) -> int:
         """Tensor `t` read whole from each checkpoint in turn, folded a piece at a time into
         a float64 sum of its size: the same arithmetic, each input decoded once."""
-        acc, tmp = np.empty(t.shape), buffer.view(np.float64)
+        acc, tmp = np.empty(t.shape), buffers[1]
         for i, ck in enumerate(checkpoints):
             x = ck.read_whole(t.name)
             for index in blocks(t.shape, tmp.size):
@@ -270,7 +271,7 @@ def fold(
         return t.nbytes * len(checkpoints)
 
     try:
-        _each_piece(tensors, piece, max_memory, bar, rows=len(checkpoints), skip=1, whole=whole)
+        _each_piece(tensors, piece, max_memory, bar, whole=whole)
     finally:
         if bar is not None:
             bar.close()
@@ -283,63 +284,35 @@ def _read_whole(checkpoints: Sequence[Reader], tensors: Sequence[Tensor]) -> set
     return {t.name for t in tensors if any(ck.whole_reads(t.name) for ck in checkpoints)}
 
 
-def piece_elements(t: Tensor, budget: int, rows: int, skip: int = 0) -> int:
-    """Elements per piece of `t` when a worker's `budget` bytes hold `rows` copies of the
-    piece in the stored dtype, after `skip` float64 ones (a sum)."""
-    per_element = rows * t.stored.itemsize + skip * 8
-    if per_element > budget:
-        raise UsageError(
-            f"{option('max_memory')} must be at least {per_element} bytes a core for {rows} "
-            "checkpoints"
-        )
-    return budget // per_element
-
-
-def _sum(buffer: np.ndarray, t: Tensor, index: tuple[slice, ...]) -> np.ndarray:
-    """The start of a worker's `buffer`, as a float64 sum for block `index` of `t`."""
+def _block(buffer: np.ndarray, t: Tensor, index: tuple[slice, ...]) -> np.ndarray:
+    """The start of a worker's `buffer`, as block `index` of `t` in its stored dtype."""
     shape = block_shape(t.shape, index)
-    return buffer[: math.prod(shape) * 8].view(np.float64).reshape(shape)
-
-
-def _rows(
-    buffer: np.ndarray, t: Tensor, index: tuple[slice, ...], rows: int, skip: int = 0
-) -> np.ndarray:
-    """A worker's `buffer`, after `skip` float64 blocks, as `rows` copies of block `index`
-    of `t` in its stored dtype."""
-    shape = block_shape(t.shape, index)
-    size = math.prod(shape)
-    start = skip * size * 8
-    end = start + rows * size * t.stored.itemsize
-    return buffer[start:end].view(t.stored).reshape(rows, *shape)
+    size = math.prod(shape) * t.stored.itemsize
+    return buffer.view(np.uint8)[:size].view(t.stored).reshape(shape)
 
 
 def _each_piece(
     tensors: Sequence[Tensor],
-    piece: Callable[[Tensor, tuple[slice, ...], np.ndarray], int],
+    piece: Callable[[Tensor, tuple[slice, ...], Buffers], int],
     max_memory: int | None,
     bar=None,
     *,
-    rows: int,
-    skip: int = 0,
     whole: Collection[str] = (),
 ) -> None:
-    """Call `piece(t, index, buffer)` on every block of every tensor, each block small
-    enough for `rows` copies and `skip` float64 ones to fit in `buffer` (once, with index
+    """Call `piece(t, index, buffers)` on every block of every tensor (once, with index
     `()`, for the tensors named in `whole`); it returns the bytes it read, for the
     progress `bar`.
 
     Pieces are independent, so a few threads take them in turn (reads and numpy release the
-    GIL), each with its own buffer: memory depends on neither the model's size nor the
+    GIL), each with its own buffers: memory depends on neither the model's size nor the
     number of checkpoints. The first failing piece, in order, is the error raised; a signal
     stops new pieces, waits for every worker, then is raised.
     """
-    workers, budget = piece_layout(max_memory)
+    workers, elements = piece_layout(max_memory)
     jobs = enumerate(
         (t, index)
         for t in tensors
-        for index in (
-            [()] if t.name in whole else blocks(t.shape, piece_elements(t, budget, rows, skip))
-        )
+        for index in ([()] if t.name in whole else blocks(t.shape, elements))
     )
     lock = threading.Lock()  # guards `jobs` and the progress bar
     stop = threading.Event()  # set on the first error or signal: no new pieces start
@@ -348,7 +321,7 @@ def _each_piece(
     def worker() -> None:
         number = -1
         try:
-            buffer = np.empty(budget, np.uint8)
+            buffers = np.empty(elements), np.empty(elements), np.empty(elements * 8, np.uint8)
             done = 0
             while True:
                 with lock:
@@ -358,7 +331,7 @@ def _each_piece(
                 if job is None:
                     return
                 number, (t, index) = job
-                done = piece(t, index, buffer)
+                done = piece(t, index, buffers)
         except BaseException as e:
             errors[number] = e
             stop.set()
