@@ -146,7 +146,8 @@ def test_scalar_weights_are_averaged_and_compared(tmp_path):
     model.save_weights(tmp_path / "m_4.weights.h5")
     with pytest.raises(streamavg.StreamavgError) as e:
         streamavg.average_tensors([tmp_path])
-    assert str(e.value).startswith(
+    assert str(e.value) == (
         f"{tmp_path / 'm_0.weights.h5'}: layers/scale/vars/1: int32 values differ from "
-        f"{tmp_path / 'm_4.weights.h5'} (integer weights"
+        f"{tmp_path / 'm_4.weights.h5'} (integer weights, such as quantized kernels, cannot be "
+        "averaged; pass integers='newest' to take such layers from the newest checkpoint)"
     )
