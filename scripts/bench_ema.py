@@ -86,11 +86,16 @@ def child(args: argparse.Namespace) -> dict:
     model.compile(optimizer, keras.losses.SparseCategoricalCrossentropy(from_logits=True))
     timer = EpochTimer()
     fit = {"batch_size": args.batch_size, "epochs": args.epochs, "shuffle": False, "verbose": 0}
-    model.fit(x, y, callbacks=[*callbacks, timer], **fit)
+    fit_s = []
+    for _ in range(args.fits):
+        start = time.perf_counter()
+        model.fit(x, y, callbacks=[*callbacks, timer], **fit)
+        fit_s.append(time.perf_counter() - start)
     step_ms = [s * 1e3 / args.steps for s in seconds[1:]]
     return {
         "step_ms": statistics.median(step_ms),
         "best_ms": min(step_ms),
+        "fit_s": statistics.median(fit_s[1:] or fit_s),  # the first fit traces: left out
         "epoch_s": seconds,
         "device": device(keras.backend.backend()),
         "tensorflow_imported": "tensorflow" in sys.modules,
@@ -120,24 +125,33 @@ def summarize(runs: list[dict]) -> dict:
         return {"status": "unavailable: " + runs[-1]["unavailable"], "runs": runs}
     if any(r["rc"] for r in runs):
         return {"status": "failed", "runs": runs}
-    medians = {k: statistics.median(r[k] for r in runs) for k in ("step_ms", "best_ms", "rss_mib")}
+    keys = ("step_ms", "best_ms", "fit_s", "rss_mib")
+    medians = {k: statistics.median(r[k] for r in runs) for k in keys}
     return {"status": "ok", **medians, "runs": runs}
 
 
 def report(results: dict[str, dict]) -> str:
     """Markdown table of medians, then the step-time ratios."""
-    lines = ["| method | median step ms | best step ms | peak RSS MiB |", "|---|---|---|---|"]
+    lines = [
+        "| method | median step ms | best step ms | median fit s | peak RSS MiB |",
+        "|---|---|---|---|---|",
+    ]
     for method, res in results.items():
         if res["status"] == "ok":
-            cells = f"{res['step_ms']:.3f} | {res['best_ms']:.3f} | {res['rss_mib']:.0f}"
+            cells = (
+                f"{res['step_ms']:.3f} | {res['best_ms']:.3f} | {res['fit_s']:.3f} "
+                f"| {res['rss_mib']:.0f}"
+            )
         else:
-            cells = f"{res['status']} | | "
+            cells = f"{res['status']} | | | "
         lines.append(f"| {method} | {cells} |")
     lines.append("")
     for num, den in RATIOS:
         a, b = results[num], results[den]
         ok = a["status"] == b["status"] == "ok"
-        lines.append(f"{num}/{den}: " + (f"{a['step_ms'] / b['step_ms']:.3f}x" if ok else "n/a"))
+        if ok:
+            ratios = f"step {a['step_ms'] / b['step_ms']:.3f}x, fit {a['fit_s'] / b['fit_s']:.3f}x"
+        lines.append(f"{num}/{den}: " + (ratios if ok else "n/a"))
     return "\n".join(lines)
 
 
@@ -147,7 +161,10 @@ def main() -> None:
     parser.add_argument("--backend", default="tensorflow", choices=["tensorflow", "torch", "jax"])
     parser.add_argument("--optimizer", default="sgd", choices=["sgd", "adamw"])
     parser.add_argument("--steps", type=int, default=200, help="batches per epoch")
-    parser.add_argument("--epochs", type=int, default=3, help="the first one is discarded")
+    parser.add_argument("--epochs", type=int, default=3, help="per fit; the first one is discarded")
+    parser.add_argument(
+        "--fits", type=int, default=1, help="fits in a row; the first one's time is discarded"
+    )
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--width", type=int, default=1024, help="input and hidden width")
     parser.add_argument("--depth", type=int, default=3, help="hidden Dense layers")
@@ -155,8 +172,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("bench-out/ema.json"))
     parser.add_argument("--child", choices=METHODS, help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.epochs < 2:
-        parser.error("--epochs must be at least 2 (the first epoch is discarded)")
+    if args.epochs * args.fits < 2:
+        parser.error("--epochs times --fits must be at least 2 (the first epoch is discarded)")
     if args.child:
         print(json.dumps(child(args)), flush=True)
         return

@@ -19,31 +19,15 @@ from training import (
     Y,
     assert_close,
     assert_equal,
-    fold,
     in_order,
     make_model,
     make_unnamed_model,
+    reference,
+    shadow,
     weights,
 )
 
 from streamavg.callbacks import EMA
-
-
-def reference(steps: list[dict], decay: float, *, warmup=False, every=1, start=0) -> dict:
-    """The documented EMA over recorded weights: steps[0] is the start of fit."""
-    average = steps[0]
-    for s, w in enumerate(steps[1:], 1):
-        t = s - start
-        if t <= 0:
-            average = dict(w)
-        elif t % every == 0:
-            d = min(decay, t / (9 + t)) if warmup else decay
-            average = fold(average, w, d**every)
-    return average
-
-
-def shadow(ema: EMA) -> dict[str, np.ndarray]:
-    return {k: v.astype(np.float64) for k, v in ema.averaged_weights().items()}
 
 
 @pytest.mark.parametrize(
@@ -456,3 +440,20 @@ def test_the_update_runs_inside_the_train_step_not_between_batches():
     model.fit(X, Y, epochs=2, callbacks=[ema], **FIT)  # batch hooks see every 4th step only
     assert_close(shadow(ema), reference(rec.steps, 0.8))
     assert "apply" not in vars(model.optimizer)  # unhooked after fit
+
+
+def test_later_fits_reuse_the_traced_train_step_and_average_across_fits():
+    model, rec, ema, seen = make_model(), Recorder(), EMA(decay=0.9), []
+
+    class Look(keras.callbacks.Callback):
+        def on_train_batch_end(self, batch, logs=None):
+            seen.append(self.model.train_function)
+
+    bare = []
+    for _ in range(3):
+        model.fit(X, Y, epochs=1, callbacks=[ema, rec, Look()], **FIT)
+        bare.append(model.train_function)
+    assert len(set(map(id, seen))) == 1  # one train function with the update, for every fit
+    assert len(set(map(id, bare))) == 1 and bare[0] is not seen[0]  # Keras's own, in between
+    steps = [s for i, s in enumerate(rec.steps) if i % 9 or i == 0]  # each fit's start repeats
+    assert_close(shadow(ema), reference(steps, 0.9))

@@ -110,3 +110,20 @@ def assert_equal(got: dict, want: dict) -> None:
     assert got.keys() == want.keys()
     for k in want:
         np.testing.assert_array_equal(got[k], want[k], err_msg=k)
+
+
+def reference(steps: list[dict], decay: float, *, warmup=False, every=1, start=0) -> dict:
+    """The documented EMA over recorded weights: steps[0] is the start of fit."""
+    average = steps[0]
+    for s, w in enumerate(steps[1:], 1):
+        t = s - start
+        if t <= 0:
+            average = dict(w)
+        elif t % every == 0:
+            d = min(decay, t / (9 + t)) if warmup else decay
+            average = fold(average, w, d**every)
+    return average
+
+
+def shadow(ema) -> dict[str, np.ndarray]:
+    return {k: v.astype(np.float64) for k, v in ema.averaged_weights().items()}

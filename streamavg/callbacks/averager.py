@@ -109,6 +109,7 @@ class Averager(keras.callbacks.Callback):
         current value, which is its exact average if it was frozen until now; variables no
         longer tracked stop being averaged.
         """
+        self._sync()
         model = self.model
         tracked = list(model.trainable_variables)
         if self.non_trainable == "average":
@@ -118,23 +119,31 @@ class Averager(keras.callbacks.Callback):
         self._tracked = tracked
 
     def _new_shadow(self, v) -> keras.Variable:
-        """A shadow of `v` (float32 at least) holding its current value."""
+        """A shadow of `v` (float32 at least) holding its current value, laid out as `v`
+        under a `keras.distribution` (sharded like it, never gathered on one device)."""
         dtype = _shadow_dtype(v.dtype)
+        layout = getattr(v, "_layout", None)  # Keras's own, given where a LayoutMap names `v`
+        name = f"{self.name}_{v.name}"
         return keras.Variable(
-            _copy(v, dtype), dtype=dtype, trainable=False, name=f"{self.name}_{v.name}"
+            _copy(v, dtype), dtype=dtype, trainable=False, name=name, layout=layout
         )
 
-    def _fold(self, share) -> None:
+    def _fold(self, share: float) -> None:
         """Move the shadow by `share` towards the model's weights, on the weights' device."""
+        self._sync()
         for s, v in zip(self._shadow, self._tracked, strict=True):
-            if isinstance(share, float) and share == 1.0:  # exact, where a fold may be 1 ulp off
+            if share == 1.0:  # exact, where a fold may be 1 ulp off
                 s.assign(_copy(v, s.dtype))
-                continue
-            step = share if isinstance(share, float) else ops.cast(share, s.dtype)
-            s.assign(s + step * (ops.cast(v, s.dtype) - s))
+            else:
+                s.assign(moved(s, v, share))
+
+    def _sync(self) -> None:
+        """Bring the shadow variables up to date where the average is kept elsewhere during
+        `fit` (JAX's compiled train step): before any use of them outside the train step."""
 
     def averaged_weights(self) -> dict[str, np.ndarray]:
         """The shadow, by variable path, in float32 (float64 for float64 variables)."""
+        self._sync()
         pairs = zip(self._shadow, self._tracked, strict=True)
         return {v.path: ops.convert_to_numpy(s) for s, v in pairs}
 
@@ -147,6 +156,8 @@ class Averager(keras.callbacks.Callback):
     def _show_average(self) -> None:
         if self._raw is not None or not self._ready():
             return
+        self._sync()
+        self._attach()
         self._raw = [ops.copy(v.value) for v in self._tracked]
         for s, v in zip(self._shadow, self._tracked, strict=True):
             v.assign(_copy(s, v.dtype))
@@ -159,11 +170,20 @@ class Averager(keras.callbacks.Callback):
     def _show_raw(self) -> None:
         if self._raw is None:
             return
+        self._attach()
         for r, v in zip(self._raw, self._tracked, strict=True):
             v.assign(r)
         self._raw = None
 
+    def _attach(self) -> None:
+        """On JAX, put the weights that `fit` or `evaluate` holds between steps back in the
+        model's variables before reading or assigning them, so that none of it is later
+        written over what is assigned here."""
+        if hasattr(self.model, "jax_state_sync"):
+            self.model.jax_state_sync()
+
     def _holds_average(self) -> bool:
+        self._sync()
         return all(
             bool(ops.all(ops.equal(v, ops.cast(s, v.dtype))))
             for s, v in zip(self._shadow, self._tracked, strict=True)
@@ -203,6 +223,7 @@ class Averager(keras.callbacks.Callback):
         attribute, for information only), as Keras's own weight files do: a new process may
         generate other layer names for the same model.
         """
+        self._sync()
         state = {
             "streamavg": __version__,
             "kind": type(self).__name__,
@@ -225,6 +246,7 @@ class Averager(keras.callbacks.Callback):
         """
         if self._tracked is None:
             self._build()
+        self._sync()
         with h5py.File(path, "r") as f:
             state = json.loads(f.attrs[STATE_ATTR])
             mine = {"kind": type(self).__name__, "config": self._config()}
@@ -267,6 +289,7 @@ class Averager(keras.callbacks.Callback):
         return None if optimizer is None else int(ops.convert_to_numpy(optimizer.iterations))
 
     def _save(self, epoch: int, logs: dict | None) -> None:
+        self._attach()
         if self.state_path is not None:
             self.save_state(self.state_path)
         if self.weights_path is not None and self._ready():
@@ -370,6 +393,14 @@ class Averager(keras.callbacks.Callback):
 
     def _set_counters(self, counters: dict[str, int]) -> None:
         raise NotImplementedError
+
+
+def moved(shadow, weight, share):
+    """`shadow` moved by `share` towards `weight`: ``shadow + share * (weight - shadow)``,
+    in the shadow's dtype."""
+    if not isinstance(share, float):
+        share = ops.cast(share, shadow.dtype)
+    return shadow + share * (ops.cast(weight, shadow.dtype) - shadow)
 
 
 def _copy(x, dtype):

@@ -33,8 +33,9 @@ def recalibrate_batchnorm(
         return 0
     momenta = [layer.momentum for layer in layers]
     for layer in layers:
-        layer.moving_mean.assign(ops.zeros_like(layer.moving_mean))
-        layer.moving_variance.assign(ops.ones_like(layer.moving_variance))
+        mean, variance = layer.moving_mean, layer.moving_variance
+        mean.assign(ops.zeros(mean.shape, mean.dtype))
+        variance.assign(ops.ones(variance.shape, variance.dtype))
     count = 0
     try:
         for count, x in enumerate(_batches(data, batch_size, steps), 1):

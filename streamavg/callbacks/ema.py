@@ -3,15 +3,14 @@
 from __future__ import annotations
 
 import math
-import weakref
 
 import keras
 from keras import ops
 
-from .averager import Averager, count_arg
+from .averager import Averager, count_arg, moved
 
 NOT_STARTED = 2**31 - 1  # the start step while waiting for `start_epoch` (fits int32, for JAX)
-_HOOKS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # optimizer -> {owner: hook}
+_STEPS = "_streamavg_ema_steps"  # where a model keeps its `_Steps`
 
 
 class EMA(Averager):
@@ -27,9 +26,10 @@ class EMA(Averager):
 
     After each optimizer step that changes the weights, the float32 shadow moves
     towards them: ``ema <- ema + (1 - d) * (w - ema)``, which is
-    ``d * ema + (1 - d) * w``. The update is compiled into the train step (TensorFlow)
-    or runs right after the optimizer (torch), on the weights' device, so no weights
-    travel to the host. It starts from the weights at the start of the first `fit`.
+    ``d * ema + (1 - d) * w``. The update is compiled into the train step (TensorFlow,
+    JAX) or runs right after the optimizer (torch), on the weights' device, so no weights
+    travel to the host; under a `keras.distribution` each average is laid out like its
+    weight. It starts from the weights at the start of the first `fit`.
 
     Args:
         decay: d, the share the average keeps at each update. Defaults to 0.999 unless
@@ -120,6 +120,7 @@ class EMA(Averager):
             self._log_decay = math.log(0.999 if decay is None else decay)
         else:
             self._log_decay = None  # known once fit says how many steps an epoch has
+        self._device: tuple | None = None  # on JAX during fit: the state the train step holds
 
     @property
     def decay(self) -> float | None:
@@ -134,13 +135,37 @@ class EMA(Averager):
             )
         if self._tracked is None:
             self._build()
-        self._steps.assign_add(1)
-        t = self._steps - self._begin  # steps since the start: the first update has t = 1
-        if self.update_every == 1 and not self._waits():
-            self._fold(self._share(t))
-        else:
-            due = ops.logical_or(ops.less_equal(t, 0), ops.equal(t % self.update_every, 0))
-            ops.cond(due, lambda: self._fold(self._share(t)), lambda: None)
+        self._sync()
+        self._step(True)
+
+    def _step(self, applied) -> None:
+        """Assign `_next`'s state to the shadow and the step count."""
+        shadows, steps = self._next(self._shadow, self._tracked, self._steps, self._begin, applied)
+        self._steps.assign(steps)
+        for s, new in zip(self._shadow, shadows, strict=True):
+            s.assign(new)
+
+    def _next(self, shadows, weights, steps, begin, applied):
+        """The shadows and step count after one optimizer step, as a pure function of the
+        shadows, the weights after the step, and the step counts: what every backend runs.
+
+        `applied` says whether the step updated the weights: True, or a boolean tensor
+        (gradient accumulation: only real updates count).
+        """
+        steps = steps + (1 if applied is True else ops.cast(applied, steps.dtype))
+        t = steps - begin  # steps since the start: the first update has t = 1
+        share = self._share(t)
+        if applied is True and self.update_every == 1 and not self._waits():
+            return [moved(s, w, share) for s, w in zip(shadows, weights, strict=True)], steps
+        due = ops.logical_or(ops.less_equal(t, 0), ops.equal(t % self.update_every, 0))
+        if applied is not True:
+            due = ops.logical_and(applied, due)
+        new = ops.cond(
+            due,
+            lambda: [moved(s, w, share) for s, w in zip(shadows, weights, strict=True)],
+            lambda: [ops.convert_to_tensor(s) for s in shadows],
+        )
+        return new, steps
 
     def _waits(self) -> bool:
         return self.start_step > 0 or self.start_epoch is not None
@@ -195,11 +220,6 @@ class EMA(Averager):
         self._begin.assign(counters["begin"])
 
     def on_train_begin(self, logs=None):
-        if keras.backend.backend() == "jax":
-            raise RuntimeError(
-                "EMA updates inside the train step on the tensorflow and torch backends; "
-                "on jax, call update() from a custom training loop"
-            )
         if self.half_life_epochs is not None:
             steps = self.params.get("steps")
             if not steps:
@@ -208,10 +228,10 @@ class EMA(Averager):
             updates = steps / every  # per epoch, on average
             self._log_decay = math.log(0.5) / (self.half_life_epochs * updates)
         super().on_train_begin(logs)
-        _hook(self.model.optimizer, self, self._after_step)
-        self.model.make_train_function(force=True)  # traced anew, with the update inside
+        _join(self.model, self)
 
     def on_epoch_begin(self, epoch, logs=None):
+        self._sync()
         super().on_epoch_begin(epoch, logs)
         started = self.start_epoch is None or _int(self._begin) != NOT_STARTED
         if not started and epoch >= self.start_epoch:
@@ -219,14 +239,31 @@ class EMA(Averager):
 
     def _detach(self) -> None:
         super()._detach()
-        _unhook(self.model.optimizer, self)
-        self.model.make_train_function(force=True)  # untraced: the next fit traces it bare
+        self._sync()
+        _leave(self.model, self)
 
-    def _after_step(self, applied) -> None:
-        if applied is True:
-            self.update()
-        else:
-            ops.cond(applied, self.update, lambda: None)
+    # -- on JAX, the average travels through the compiled train step -----------------
+
+    def _sync(self) -> None:
+        if self._device is None:
+            return
+        shadows, steps, _ = self._device
+        self._device = None  # the variables own these arrays now: no train step donates them
+        for s, value in zip(self._shadow, shadows, strict=True):
+            s.assign(value)
+        self._steps.assign(steps)
+
+    def _on_device(self) -> tuple:
+        """The state that JAX's train step takes and returns (and donates): the shadows, the
+        step count and the start step, copied from the variables at the first step."""
+        if self._device is None:
+            shadows = [ops.copy(s.value) for s in self._shadow]
+            self._device = shadows, ops.copy(self._steps.value), ops.copy(self._begin.value)
+        return self._device
+
+    def _trace_key(self) -> tuple:
+        """What a traced train step bakes in of this EMA: another key, another trace."""
+        return self._log_decay, tuple(map(id, self._tracked)), tuple(map(id, self._shadow))
 
 
 def _int(variable) -> int:
@@ -239,41 +276,148 @@ def _innermost(optimizer):
     return optimizer
 
 
-def _hook(optimizer, owner, hook) -> None:
-    """Call `hook(applied)` after each `apply` of `optimizer`, inside the train step.
+class _Steps:
+    """The EMAs a model's train step updates, with the train function it had without them
+    (`bare`) and the last one traced with them, by `key`: later fits with the same EMAs,
+    variables and decay reuse it instead of tracing again."""
 
-    `applied` says whether the weights were updated. Without gradient accumulation every
-    `apply` updates: True. With it, whether `apply` advanced `optimizer.iterations`, which
-    counts updates, not micro-steps (a tensor, known on the device only): comparing the
-    counts holds however the optimizer schedules its updates internally. The innermost
-    optimizer is hooked: `LossScaleOptimizer` skips it on non-finite gradients, so
-    skipped steps never reach the hook.
+    def __init__(self, bare) -> None:
+        self.bare = bare
+        self.owners: dict[EMA, None] = {}  # in the order they joined
+        self.key: list | None = None
+        self.function = None
+
+
+def _join(model, owner: EMA) -> None:
+    """Put `owner`'s update into `model`'s train step, for this fit."""
+    steps = vars(model).get(_STEPS)
+    if steps is None or model.train_function not in (steps.bare, steps.function):
+        steps = _Steps(model.train_function)  # new, or compiled again since: a new function
+        vars(model)[_STEPS] = steps
+    for stale in [o for o in steps.owners if o._fit is not owner._fit]:  # an interrupted fit's
+        del steps.owners[stale]
+    steps.owners[owner] = None
+    _install(model, steps)
+
+
+def _leave(model, owner: EMA) -> None:
+    steps = vars(model).get(_STEPS)
+    if steps is not None and steps.owners.pop(owner, "absent") is None:
+        _install(model, steps)
+
+
+def _install(model, steps: _Steps) -> None:
+    """Give `model` the train function that updates every EMA of `steps`: the bare one
+    for none, else the last one traced if it was traced for the same key."""
+    owners = list(steps.owners)
+    opt = _innermost(model.optimizer)
+    if keras.backend.backend() != "jax":  # the update runs inside `apply`, hooked while needed
+        if owners and "apply" not in vars(opt):
+            _hook(opt, steps)
+        elif not owners and "apply" in vars(opt):
+            del opt.apply
+    if not owners:
+        model.train_function = steps.bare
+        return
+    key = [(o, o._trace_key()) for o in owners]
+    if key != steps.key:
+        steps.key = key
+        if keras.backend.backend() == "jax":
+            steps.function = _jax_train_function(model, owners)
+        else:
+            model.make_train_function(force=True)  # traced at its first call, with the hook
+            steps.function = model.train_function
+    model.train_function = steps.function
+
+
+def _hook(opt, steps: _Steps) -> None:
+    """Run every EMA's update after each `apply` of the (innermost) optimizer `opt`, inside
+    the train step (TensorFlow, torch).
+
+    Whether `apply` updated the weights: without gradient accumulation, always; with it,
+    whether `apply` advanced `opt.iterations`, which counts updates, not micro-steps (a
+    tensor, known on the device only). The innermost optimizer is hooked:
+    `LossScaleOptimizer` skips it on non-finite gradients, so skipped steps never count.
     """
-    opt = _innermost(optimizer)
-    hooks = _HOOKS.get(opt)
-    if hooks is None:
-        hooks = _HOOKS[opt] = {}
-        apply = opt.apply
+    apply = opt.apply
 
-        def apply_then_hooks(grads, trainable_variables=None):
-            accumulates = bool(opt.gradient_accumulation_steps)
-            # A copy: the variable itself may read back after apply's in-place increment.
-            before = ops.copy(opt.iterations) if accumulates else None
-            apply(grads, trainable_variables)
-            applied = ops.greater(opt.iterations, before) if accumulates else True
-            for h in list(hooks.values()):
-                h(applied)
+    def apply_then_update(grads, trainable_variables=None):
+        accumulates = bool(opt.gradient_accumulation_steps)
+        # A copy: the variable itself may read back after apply's in-place increment.
+        before = ops.copy(opt.iterations) if accumulates else None
+        apply(grads, trainable_variables)
+        applied = ops.greater(opt.iterations, before) if accumulates else True
+        for owner in steps.owners:
+            owner._step(applied)
 
-        opt.apply = apply_then_hooks
-    for stale in [o for o in hooks if o._fit is not owner._fit]:  # left by an interrupted fit
-        del hooks[stale]
-    hooks[owner] = hook
+    opt.apply = apply_then_update
 
 
-def _unhook(optimizer, owner) -> None:
-    opt = _innermost(optimizer)
-    hooks = _HOOKS.get(opt, {})
-    hooks.pop(owner, None)
-    if not hooks and opt in _HOOKS:
-        del _HOOKS[opt]
-        del opt.apply
+def _jax_train_function(model, owners: list[EMA]):
+    """`model`'s train function on JAX, with every EMA's update compiled into its step.
+
+    JAX's train step is a pure function of the training state, so each EMA's state goes
+    in and comes out beside it (donated like it, and sharded like the weights under a
+    `keras.distribution`), and the update reads the weights, the float non-trainable ones
+    too, from the state the step returns. A step counts where it advanced the innermost
+    optimizer's `iterations` (not with gradient accumulation's micro-steps, nor when
+    `LossScaleOptimizer` skips it).
+    """
+    import jax
+
+    opt = model.optimizer
+    inner = _innermost(opt)
+    where = {id(v): (0, i) for i, v in enumerate(model.trainable_variables)}
+    where |= {id(v): (1, i) for i, v in enumerate(model.non_trainable_variables)}
+    picks = [[where[id(v)] for v in o._tracked] for o in owners]
+    every = inner.gradient_accumulation_steps or 1  # `iterations` is micro-steps // every
+    (counted,) = [i for i, v in enumerate(opt.variables) if v is inner._iterations]
+    skips = every > 1 or inner is not opt
+
+    def step(state, emas, data):
+        logs, new_state = model.train_step(state, data)
+        applied = True
+        if skips:
+            before, after = state[2][counted] // every, new_state[2][counted] // every
+            applied = ops.greater(after, before)
+        emas = [
+            (
+                *o._next(
+                    shadows, _as_stored([new_state[p][i] for p, i in pick]), steps, begin, applied
+                ),
+                begin,
+            )
+            for o, (shadows, steps, begin), pick in zip(owners, emas, picks, strict=True)
+        ]
+        return logs, new_state, emas
+
+    if not model.run_eagerly and model.jit_compile:
+        shardings = None
+        if keras.distribution.distribution() is not None:
+            one = _sharding(inner.iterations)  # replicated, for the step counts
+            ema = [([_sharding(v) for v in o._tracked], one, one) for o in owners]
+            shardings = (None, model._get_state_sharding_spec(), ema)
+        step = jax.jit(step, donate_argnums=(0, 1), out_shardings=shardings)
+
+    def one_step(state, data):
+        logs, state, emas = step(state, [o._on_device() for o in owners], data)
+        for o, ema in zip(owners, emas, strict=True):
+            o._device = ema
+        return logs, state
+
+    return model._make_function(one_step)
+
+
+def _as_stored(weights: list) -> list:
+    """`weights` as the variables store them. XLA may otherwise hand a float16 or bfloat16
+    weight to the float32 update before rounding it (its excess precision), so that the
+    average would not be the average of the weights the model holds."""
+    import jax
+
+    narrow = [i for i, w in enumerate(weights) if w.dtype.itemsize < 4]
+    kept = jax.lax.optimization_barrier([weights[i] for i in narrow])
+    return [kept[narrow.index(i)] if i in narrow else w for i, w in enumerate(weights)]
+
+
+def _sharding(variable):
+    return variable.value.sharding
