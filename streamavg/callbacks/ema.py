@@ -312,10 +312,10 @@ def _install(model, steps: _Steps) -> None:
     owners = list(steps.owners)
     opt = _innermost(model.optimizer)
     if keras.backend.backend() != "jax":  # the update runs inside `apply`, hooked while needed
-        if owners and "apply" not in vars(opt):
-            _hook(opt, steps)
-        elif not owners and "apply" in vars(opt):
+        if "apply" in vars(opt):  # ours, maybe for another `_Steps` (compiled again since)
             del opt.apply
+        if owners:
+            _hook(opt, steps)
     if not owners:
         model.train_function = steps.bare
         return
