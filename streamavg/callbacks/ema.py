@@ -302,7 +302,8 @@ def _join(model, owner: EMA) -> None:
 
 def _leave(model, owner: EMA) -> None:
     steps = vars(model).get(_STEPS)
-    if steps is not None and steps.owners.pop(owner, "absent") is None:
+    if steps is not None and owner in steps.owners:
+        del steps.owners[owner]
         _install(model, steps)
 
 
@@ -414,9 +415,8 @@ def _as_stored(weights: list) -> list:
     average would not be the average of the weights the model holds."""
     import jax
 
-    narrow = [i for i, w in enumerate(weights) if w.dtype.itemsize < 4]
-    kept = jax.lax.optimization_barrier([weights[i] for i in narrow])
-    return [kept[narrow.index(i)] if i in narrow else w for i, w in enumerate(weights)]
+    kept = iter(jax.lax.optimization_barrier([w for w in weights if w.dtype.itemsize < 4]))
+    return [next(kept) if w.dtype.itemsize < 4 else w for w in weights]
 
 
 def _sharding(variable):
