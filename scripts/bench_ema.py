@@ -74,10 +74,11 @@ def child(args: argparse.Namespace) -> dict:
     seconds: list[float] = []
     keras.utils.set_random_seed(0)
     rng = np.random.default_rng(0)
-    x = rng.normal(size=(args.steps * args.batch_size, args.width)).astype("float32")
+    inputs = args.inputs or args.width
+    x = rng.normal(size=(args.steps * args.batch_size, inputs)).astype("float32")
     y = rng.integers(0, 10, size=len(x)).astype("int32")
     hidden = [keras.layers.Dense(args.width, activation="relu") for _ in range(args.depth)]
-    model = keras.Sequential([keras.Input((args.width,)), *hidden, keras.layers.Dense(10)])
+    model = keras.Sequential([keras.Input((inputs,)), *hidden, keras.layers.Dense(10)])
     ema = {"use_ema": args.child == "keras-ema", "ema_momentum": DECAY}
     if args.optimizer == "sgd":
         optimizer = keras.optimizers.SGD(learning_rate=0.01, momentum=0.9, **ema)
@@ -97,6 +98,7 @@ def child(args: argparse.Namespace) -> dict:
         "best_ms": min(step_ms),
         "fit_s": statistics.median(fit_s[1:] or fit_s),  # the first fit traces: left out
         "epoch_s": seconds,
+        "params": model.count_params(),
         "device": device(keras.backend.backend()),
         "tensorflow_imported": "tensorflow" in sys.modules,
     }
@@ -166,7 +168,8 @@ def main() -> None:
         "--fits", type=int, default=1, help="fits in a row; the first one's time is discarded"
     )
     parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--width", type=int, default=1024, help="input and hidden width")
+    parser.add_argument("--width", type=int, default=1024, help="hidden width")
+    parser.add_argument("--inputs", type=int, help="input width (default: --width)")
     parser.add_argument("--depth", type=int, default=3, help="hidden Dense layers")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--out", type=Path, default=Path("bench-out/ema.json"))
@@ -198,7 +201,9 @@ def main() -> None:
     results = {method: summarize(method_runs) for method, method_runs in runs.items()}
 
     devices = {r["device"] for rs in runs.values() for r in rs if "device" in r}
-    print(f"backend: {args.backend}, device: {', '.join(sorted(devices)) or 'unknown'}\n")
+    params = {r["params"] for rs in runs.values() for r in rs if "params" in r}
+    print(f"backend: {args.backend}, device: {', '.join(sorted(devices)) or 'unknown'}", end="")
+    print(f", parameters: {', '.join(f'{p:,}' for p in sorted(params))}\n")
     print(report(results))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     meta = {"command": command, "devices": sorted(devices), "cpus": os.cpu_count()}

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import h5py
@@ -123,10 +123,16 @@ class Averager(keras.callbacks.Callback):
         under a `keras.distribution` (sharded like it, never gathered on one device)."""
         dtype = _shadow_dtype(v.dtype)
         layout = getattr(v, "_layout", None)  # Keras's own, given where a LayoutMap names `v`
-        name = f"{self.name}_{v.name}"
-        return keras.Variable(
-            _copy(v, dtype), dtype=dtype, trainable=False, name=name, layout=layout
-        )
+        return self._variable(_copy(v, dtype), dtype, f"{self.name}_{v.name}", layout)
+
+    def _variable(self, value, dtype: str, name: str, layout=None) -> keras.Variable:
+        """A variable of the average's state, made where the model's weights are: under
+        the model's `tf.distribute` strategy, mirrored on each of its replicas."""
+        scope = nullcontext()
+        if keras.backend.backend() == "tensorflow":
+            scope = self.model.distribute_strategy.scope()
+        with scope:
+            return keras.Variable(value, dtype=dtype, trainable=False, name=name, layout=layout)
 
     def _fold(self, share: float) -> None:
         """Move the shadow by `share` towards the model's weights, on the weights' device."""

@@ -9,6 +9,7 @@ from keras import ops
 
 from .averager import Averager, count_arg, moved
 
+_TORCH = keras.backend.backend() == "torch"  # the update runs eagerly after `apply`
 NOT_STARTED = 2**31 - 1  # the start step while waiting for `start_epoch` (fits int32, for JAX)
 _STEPS = "_streamavg_ema_steps"  # where a model keeps its `_Steps`
 
@@ -29,7 +30,8 @@ class EMA(Averager):
     ``d * ema + (1 - d) * w``. The update is compiled into the train step (TensorFlow,
     JAX) or runs right after the optimizer (torch), on the weights' device, so no weights
     travel to the host; under a `keras.distribution` each average is laid out like its
-    weight. It starts from the weights at the start of the first `fit`.
+    weight, and under a `tf.distribute` strategy it is mirrored like it, each replica
+    updating its own copy. It starts from the weights at the start of the first `fit`.
 
     Args:
         decay: d, the share the average keeps at each update. Defaults to 0.999 unless
@@ -140,10 +142,14 @@ class EMA(Averager):
 
     def _step(self, applied) -> None:
         """Assign `_next`'s state to the shadow and the step count."""
+        if applied is True and self._each_step() and not self.warmup and _TORCH:
+            self._steps.assign_add(1)
+            _lerp(self._shadow, self._tracked, -math.expm1(self._log_decay))
+            return
         shadows, steps = self._next(self._shadow, self._tracked, self._steps, self._begin, applied)
         self._steps.assign(steps)
         for s, new in zip(self._shadow, shadows, strict=True):
-            s.assign(new)
+            s.assign(new)  # in a tf.distribute replica: that replica's copy
 
     def _next(self, shadows, weights, steps, begin, applied):
         """The shadows and step count after one optimizer step, as a pure function of the
@@ -155,7 +161,7 @@ class EMA(Averager):
         steps = steps + (1 if applied is True else ops.cast(applied, steps.dtype))
         t = steps - begin  # steps since the start: the first update has t = 1
         share = self._share(t)
-        if applied is True and self.update_every == 1 and not self._waits():
+        if applied is True and self._each_step():
             return [moved(s, w, share) for s, w in zip(shadows, weights, strict=True)], steps
         due = ops.logical_or(ops.less_equal(t, 0), ops.equal(t % self.update_every, 0))
         if applied is not True:
@@ -166,6 +172,10 @@ class EMA(Averager):
             lambda: [ops.convert_to_tensor(s) for s in shadows],
         )
         return new, steps
+
+    def _each_step(self) -> bool:
+        """Whether every optimizer step updates the average (no `update_every`, no start)."""
+        return self.update_every == 1 and not self._waits()
 
     def _waits(self) -> bool:
         return self.start_step > 0 or self.start_epoch is not None
@@ -190,10 +200,8 @@ class EMA(Averager):
 
     def _build(self) -> None:
         super()._build()
-        self._steps = keras.Variable(0, dtype="int64", trainable=False, name=f"{self.name}_steps")
-        self._begin = keras.Variable(
-            self._first_step(), dtype="int64", trainable=False, name=f"{self.name}_begin"
-        )
+        self._steps = self._variable(0, "int64", f"{self.name}_steps")
+        self._begin = self._variable(self._first_step(), "int64", f"{self.name}_begin")
 
     def _first_step(self) -> int:
         return self.start_step if self.start_epoch is None else NOT_STARTED
@@ -264,6 +272,18 @@ class EMA(Averager):
     def _trace_key(self) -> tuple:
         """What a traced train step bakes in of this EMA: another key, another trace."""
         return self._log_decay, tuple(map(id, self._tracked)), tuple(map(id, self._shadow))
+
+
+def _lerp(shadows, weights, share: float) -> None:
+    """torch: `moved` in place, in one fused kernel over all the shadows. The update is
+    memory-bound, and this reads each weight and shadow once and writes the shadow once
+    (as Keras's torch optimizers update their variables)."""
+    import torch
+
+    values = [s.value for s in shadows]
+    ends = [w.value.to(s.dtype) for s, w in zip(values, weights, strict=True)]
+    with torch.no_grad():
+        torch._foreach_lerp_(values, ends, share)
 
 
 def _int(variable) -> int:
