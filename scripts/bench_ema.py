@@ -185,7 +185,7 @@ def main() -> None:
     print(f"command: {command}\n", flush=True)
     env = {**os.environ, "KERAS_BACKEND": args.backend, "TF_CPP_MIN_LOG_LEVEL": "3"}
     child_args = {k: v for k, v in vars(args).items() if k not in ("child", "out", "repeats")}
-    flags = [f"--{k.replace('_', '-')}={v}" for k, v in child_args.items()]
+    flags = [f"--{k.replace('_', '-')}={v}" for k, v in child_args.items() if v is not None]
     runs: dict[str, list[dict]] = {m: [] for m in METHODS}
     for _ in range(args.repeats):
         for method in METHODS:
