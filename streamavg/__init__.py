@@ -8,6 +8,7 @@
 from ._version import __version__
 from .api import Plan, Result, average, average_tensors, load_into_model, plan, run
 from .errors import StreamavgError, UsageError
+from .phema import phema
 from .schemes import scheme_weights
 from .sweeps import Soup, Sweep, greedy_soup, sweep
 
@@ -23,6 +24,7 @@ __all__ = [
     "average_tensors",
     "greedy_soup",
     "load_into_model",
+    "phema",
     "plan",
     "run",
     "scheme_weights",

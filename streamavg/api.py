@@ -199,7 +199,15 @@ def average_tensors(
     models). What is not averaged (see `integers` in :func:`run`) comes from the newest
     checkpoint; optimizer state is left out.
     """
-    p = plan(paths, **plan_args)
+    return plan_tensors(
+        plan(paths, **plan_args), allow_nonfinite=allow_nonfinite, integers=integers
+    )
+
+
+def plan_tensors(
+    p: Plan, *, allow_nonfinite: bool = False, integers: str = "equal"
+) -> dict[str, np.ndarray]:
+    """:func:`average_tensors` for a plan made already."""
     with ExitStack() as stack:
         checkpoints = open_all(p.files, stack)
         tensors = model_tensors(checkpoints[-1])

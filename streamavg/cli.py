@@ -26,6 +26,7 @@ USAGE = """\
 streamavg [options] PATH...              average checkpoints into one
        streamavg inspect FILE                   list a checkpoint's tensors
        streamavg sweep PATH... --data NPZ       score the average of the last n, or a soup
+       streamavg phema DIR --sigma-rel S        an EMA of any length from PostHocEMA snapshots
        streamavg -h | -V                        help, version"""
 
 DESCRIPTION = """\
@@ -354,6 +355,91 @@ def _sweep(argv: Sequence[str]) -> int:
     return 0
 
 
+def _phema(argv: Sequence[str]) -> int:
+    p = _Parser(
+        prog="streamavg phema",
+        description="Make the EMA of relative width sigma_rel from the snapshots that "
+        "streamavg.callbacks.PostHocEMA wrote (post-hoc EMA, Karras et al. 2024), or score a "
+        "range of widths on held-out data (--sweep; needs Keras) and write the best.",
+    )
+    p.add_argument("directory", metavar="DIRECTORY", help="PostHocEMA's directory")
+    what = p.add_mutually_exclusive_group(required=True)
+    what.add_argument(
+        "--sigma-rel",
+        type=float,
+        nargs="+",
+        metavar="S",
+        help="the widths to make, each in (0, 0.2887)",
+    )
+    what.add_argument(
+        "--sweep", metavar="FIRST:LAST:COUNT", help="score COUNT widths, e.g. 0.02:0.25:24"
+    )
+    p.add_argument(
+        "--step", type=int, metavar="T", help="the EMA at step T (default: the last snapshot's)"
+    )
+    p.add_argument("--data", metavar="NPZ", help="--sweep's held-out arrays x and y")
+    p.add_argument(
+        "--metric", help="--sweep's compiled metric (default: accuracy if there, else loss)"
+    )
+    p.add_argument(
+        "--mode", choices=MODES, default="auto", help="whether lower or higher --metric is better"
+    )
+    p.add_argument(
+        "--model", metavar="KERAS", help="--sweep's compiled model (default: DIRECTORY/model.keras)"
+    )
+    p.add_argument(
+        "-o",
+        "--output",
+        metavar="PATH",
+        help="the output file, or a directory for several (default: DIRECTORY/phema-out/)",
+    )
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar or weight table")
+    args = p.parse_args(argv)
+    from .phema import parse_sweep, plan, sweep, write
+
+    if args.step is not None and args.step < 1:
+        raise UsageError(f"--step must be a positive step; got {args.step}")
+    widths = args.sigma_rel
+    if args.sweep:
+        if not args.data:
+            raise UsageError("--sweep needs --data NPZ, the held-out arrays to score on")
+        from .evaluate import keras_scorer
+
+        widths = parse_sweep(args.sweep)
+        model = args.model or os.path.join(args.directory, "model.keras")
+        evaluate, metric, maximize = keras_scorer(model, args.data, args.metric, args.mode)
+        scores = sweep(args.directory, widths, evaluate=evaluate, step=args.step)
+        print(f"{'sigma_rel':>9}  {metric}")
+        print("\n".join(f"{s:9.4f}  {score:.4f}" for s, score in scores.items()))
+        widths = [(max if maximize else min)(scores, key=scores.get)]
+        print(f"best: sigma_rel {widths[0]:.4f} ({metric} {scores[widths[0]]:.4f})")
+    out = args.output
+    if len(widths) > 1 and out and not (out.endswith(os.sep) or os.path.isdir(out)):
+        raise UsageError("several --sigma-rel write one file each: give -o a directory")
+    for s in widths:
+        recipe = plan(args.directory, s, step=args.step)
+        _print_notes(recipe.plan)
+        if not args.quiet:
+            print(f"sigma_rel {s:g} at step {recipe.step}:")
+            print(_phema_table(recipe))
+        result = write(
+            recipe, args.directory, out, overwrite=args.overwrite, progress=not args.quiet
+        )
+        print(f"wrote {result.output}")
+    return 0
+
+
+def _phema_table(recipe) -> str:
+    rows = [f"{'#':>3}  {'weight':>10}  {'sigma_rel':>9}  {'step':>9}  file"]
+    pairs = zip(recipe.snapshots, recipe.plan.weights, strict=True)
+    rows += [
+        f"{i:>3}  {w:10.6f}  {s.sigma_rel:9g}  {s.step:>9}  {s.path}"
+        for i, (s, w) in enumerate(pairs, 1)
+    ]
+    return "\n".join(rows)
+
+
 class _Stopped(BaseException):
     """SIGTERM, raised like KeyboardInterrupt so that every temporary file is cleaned up."""
 
@@ -399,7 +485,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     in_main = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, _stop) if in_main else None
     try:
-        commands = {"inspect": _inspect, "sweep": _sweep}
+        commands = {"inspect": _inspect, "sweep": _sweep, "phema": _phema}
         if not argv:  # bare `streamavg`: what it does and how to ask for more
             print(f"usage: {USAGE}\nRun 'streamavg -h' for help.", file=sys.stderr)
             return UsageError.exit_code

@@ -20,7 +20,13 @@ import keras
 import pytest
 
 TESTS = Path(__file__).parent
-MODULES = ["test_ema.py", "test_window_average.py", "test_batchnorm.py", "test_distributed.py"]
+MODULES = [
+    "test_ema.py",
+    "test_window_average.py",
+    "test_batchnorm.py",
+    "test_phema.py",
+    "test_distributed.py",
+]
 
 
 @pytest.mark.parametrize("backend", ["jax", "torch", "tensorflow"])

@@ -13,6 +13,7 @@ except ImportError:
 
 from .batchnorm import recalibrate_batchnorm
 from .ema import EMA
+from .posthoc_ema import PostHocEMA
 from .window_average import WindowAverage
 
-__all__ = ["EMA", "WindowAverage", "recalibrate_batchnorm"]
+__all__ = ["EMA", "PostHocEMA", "WindowAverage", "recalibrate_batchnorm"]

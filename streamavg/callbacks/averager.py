@@ -10,6 +10,7 @@ per epoch with the newest epoch's weight under the offline scheme.
 from __future__ import annotations
 
 import json
+import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
@@ -220,6 +221,22 @@ class Averager(keras.callbacks.Callback):
         path = Path(path)
         with self.swapped(), atomic_output(path, overwrite=True, suffix=".weights.h5") as tmp:
             self.model.save_weights(tmp, overwrite=True)
+
+    def _save_model_weights(self, path: Path, attrs: dict[str, str]) -> None:
+        """`save_weights` without the optimizer's state (the model's weights only), with
+        `attrs` on the file's root."""
+        with (
+            self.swapped(),
+            tempfile.TemporaryDirectory(prefix="streamavg-") as scratch,
+            atomic_output(path, overwrite=True, suffix=".weights.h5") as tmp,
+        ):
+            whole = Path(scratch) / "whole.weights.h5"
+            self.model.save_weights(whole)
+            with h5py.File(whole, "r") as src, h5py.File(tmp, "w") as dst:
+                for key in src:
+                    if key != "optimizer":
+                        src.copy(src[key], dst, key)
+                dst.attrs.update({**src.attrs, **attrs})
 
     def save_state(self, path: str | Path) -> None:
         """Write the shadow, the counters and the configuration atomically, for `load_state`.

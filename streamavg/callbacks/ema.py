@@ -142,9 +142,10 @@ class EMA(Averager):
 
     def _step(self, applied) -> None:
         """Assign `_next`'s state to the shadow and the step count."""
-        if applied is True and self._each_step() and not self.warmup and _TORCH:
+        share = self._constant_share()
+        if applied is True and self._each_step() and share is not None and _TORCH:
             self._steps.assign_add(1)
-            _lerp(self._shadow, self._tracked, -math.expm1(self._log_decay))
+            _lerp(self._shadow, self._tracked, share)
             return
         shadows, steps = self._next(self._shadow, self._tracked, self._steps, self._begin, applied)
         self._steps.assign(steps)
@@ -180,12 +181,15 @@ class EMA(Averager):
     def _waits(self) -> bool:
         return self.start_step > 0 or self.start_epoch is not None
 
+    def _constant_share(self) -> float | None:
+        """The share of every update, where it does not change with the step (no warm-up)."""
+        return None if self.warmup else -math.expm1(self.update_every * self._log_decay)
+
     def _share(self, t):
         """1 - d ** k for the t-th step since the start; 1 (follow the weights) before it."""
         k = self.update_every
-        if not self.warmup:
-            share = -math.expm1(k * self._log_decay)
-        else:
+        share = self._constant_share()
+        if share is None:
             capped = 9 / (9 + ops.cast(ops.maximum(t, 1), "float32"))  # 1 - t / (9 + t)
             one = ops.maximum(-math.expm1(self._log_decay), capped)
             share = one if k == 1 else -ops.expm1(k * ops.log1p(-one))
@@ -260,6 +264,10 @@ class EMA(Averager):
         for s, value in zip(self._shadow, shadows, strict=True):
             s.assign(value)
         self._steps.assign(steps)
+
+    def _step_count(self) -> int:
+        """The optimizer steps folded in so far (read from the device on JAX during fit)."""
+        return int(ops.convert_to_numpy(self._device[1] if self._device else self._steps))
 
     def _on_device(self) -> tuple:
         """The state that JAX's train step takes and returns (and donates): the shadows, the
