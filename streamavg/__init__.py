@@ -8,9 +8,9 @@
 from ._version import __version__
 from .api import Plan, Result, average, average_tensors, load_into_model, plan, run
 from .errors import StreamavgError, UsageError
-from .phema import phema
 from .schemes import scheme_weights
 from .sweeps import Soup, Sweep, greedy_soup, sweep
+from .synthesis import phema
 
 __all__ = [
     "Plan",

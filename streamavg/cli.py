@@ -396,7 +396,7 @@ def _phema(argv: Sequence[str]) -> int:
     p.add_argument("--overwrite", action="store_true", help="replace an existing output")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar or weight table")
     args = p.parse_args(argv)
-    from .phema import parse_sweep, plan, sweep, write
+    from .synthesis import parse_sweep, plan, sweep, write
 
     if args.step is not None and args.step < 1:
         raise UsageError(f"--step must be a positive step; got {args.step}")
@@ -419,13 +419,13 @@ def _phema(argv: Sequence[str]) -> int:
         raise UsageError("several --sigma-rel write one file each: give -o a directory")
     for s in widths:
         recipe = plan(args.directory, s, step=args.step)
-        _print_notes(recipe.plan)
         if not args.quiet:
             print(f"sigma_rel {s:g} at step {recipe.step}:")
             print(_phema_table(recipe))
         result = write(
             recipe, args.directory, out, overwrite=args.overwrite, progress=not args.quiet
         )
+        _print_notes(result)
         print(f"wrote {result.output}")
     return 0
 

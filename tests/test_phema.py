@@ -15,8 +15,8 @@ from training import FIT, VAL, Recorder, X, Y, assert_close, make_model
 import streamavg
 from streamavg.callbacks import PostHocEMA
 from streamavg.cli import main
-from streamavg.phema import snapshots
 from streamavg.posthoc import decay, gamma
+from streamavg.synthesis import snapshots
 
 pytestmark = pytest.mark.filterwarnings("ignore:Skipping variable loading for optimizer")
 EPOCHS, EVERY = 40, 25  # 8 steps an epoch: 320 steps, a snapshot every 25

@@ -55,6 +55,15 @@ def test_the_callbacks_example_runs_twice(tmp_path, capsys):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ema.weights.h5"]
 
 
+def test_the_post_hoc_ema_example_runs_twice(tmp_path, capsys):
+    first, second = run_twice(example("Post-hoc EMA"), tmp_path, capsys)
+    assert first == second == "12 1.0\n"
+    names = sorted(p.name for p in (tmp_path / "snapshots").iterdir())
+    snaps = [f"phema-{s}-{t:09d}.weights.h5" for s in ("0.05", "0.1") for t in range(50, 301, 50)]
+    assert names == sorted(["model.keras", "phema-0.05.state.h5", "phema-0.1.state.h5", *snaps])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ema-0.07.weights.h5", "snapshots"]
+
+
 def test_every_test_the_readme_names_exists():
     """The Guarantees cite tests by name: each must exist, or the promise has no test."""
     cited = set(re.findall(r"(test_\w+\.py)::(test_\w+)", README.read_text()))

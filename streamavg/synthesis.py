@@ -1,5 +1,5 @@
-"""Post-hoc EMA synthesis: the EMA of any length from `PostHocEMA`'s snapshots, as a
-weighted sum that the streaming engine folds in constant memory.
+"""Post-hoc EMA synthesis (`streamavg phema`): the EMA of any length from `PostHocEMA`'s
+snapshots, as a weighted sum that the streaming engine folds in constant memory.
 
 >>> result = streamavg.phema("run/phema", 0.07, output="ema-0.07.weights.h5")  # doctest: +SKIP
 >>> result.weights  # one per snapshot at or before the last step; some negative  # doctest: +SKIP
