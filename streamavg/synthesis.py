@@ -73,6 +73,8 @@ def plan(directory: str | os.PathLike, sigma_rel: float, *, step: int | None = N
     target = gamma(sigma_rel)
     found = snapshots(directory)
     t = found[-1].step if step is None else step
+    if t > found[-1].step:  # the weights after the last snapshot are unknown
+        raise UsageError(f"{directory}: step {t} is after the last snapshot's ({found[-1].step})")
     chosen = tuple(s for s in found if s.step <= t)
     if not chosen:
         raise UsageError(

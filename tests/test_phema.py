@@ -150,6 +150,8 @@ def test_the_command_line_prints_the_weights_and_writes_the_same_bytes(run, tmp_
     [
         (["--sigma-rel", "0.3"], "sigma_rel must be between 0 and 0.2887; got 0.3"),
         (["--sigma-rel", "0.07", "--step", "10"], "{root}: no snapshots at or before step 10 (the first is at 25)"),
+        (["--sigma-rel", "0.07", "--step", "301"], "{root}: step 301 is after the last snapshot's (300)"),
+        (["--sigma-rel", "0.07", "--step", "0"], "--step must be a positive step; got 0"),
         (["--sigma-rel", "0.07", "0.08", "-o", "{tmp}/one.weights.h5"], "several --sigma-rel write one file each: give -o a directory"),
         (["--sweep", "0.05:0.1:3"], "--sweep needs --data NPZ, the held-out arrays to score on"),
         (["--sweep", "0.1:0.05:3", "--data", "x.npz"], "--sweep needs FIRST < LAST and COUNT >= 2; got 0.1:0.05:3"),
