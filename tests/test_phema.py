@@ -10,7 +10,7 @@ import h5py
 import keras
 import numpy as np
 import pytest
-from training import FIT, VAL, Recorder, X, Y, assert_close, make_model
+from training import FIT, VAL, Recorder, X, Y, assert_close, make_model, weights
 
 import streamavg
 from streamavg.callbacks import PostHocEMA
@@ -45,6 +45,13 @@ def read(path) -> dict[str, np.ndarray]:
     return out
 
 
+def loaded(path) -> dict[str, np.ndarray]:
+    """The trainable weights of a new model after `load_weights(path)`, as float64."""
+    model = make_model()
+    model.load_weights(path)
+    return weights(model)
+
+
 def assert_same(got: dict, want: dict) -> None:
     assert got.keys() == want.keys()
     for k, v in want.items():
@@ -63,11 +70,11 @@ def run(tmp_path_factory):
     stored = PostHocEMA(root / "stored", (0.05, 0.10), every_steps=EVERY)
     direct = PostHocEMA(root / "direct", (0.075,), every_steps=EVERY, save_model=False)
     model.fit(X, Y, epochs=EPOCHS, callbacks=[stored, direct, rec], **FIT)
-    return root, model, rec
+    return root, rec
 
 
 def test_snapshots_are_the_power_function_emas_and_load_in_keras(run):
-    root, model, rec = run
+    root, rec = run
     names = sorted(p.name for p in (root / "stored").iterdir())
     steps = range(EVERY, 8 * EPOCHS + 1, EVERY)
     assert names == sorted(
@@ -76,7 +83,6 @@ def test_snapshots_are_the_power_function_emas_and_load_in_keras(run):
     )
     found = snapshots(root / "stored")
     assert [(s.step, s.sigma_rel) for s in found] == [(t, s) for t in steps for s in (0.05, 0.1)]
-    by_path = {v.path: i for i, v in enumerate(model.trainable_variables)}
     for snap in found:
         with h5py.File(snap.path, "r") as f:
             assert "optimizer" not in f
@@ -86,14 +92,7 @@ def test_snapshots_are_the_power_function_emas_and_load_in_keras(run):
             "gamma": gamma(snap.sigma_rel),
             "step": snap.step,
         }
-        loaded = make_model()
-        loaded.load_weights(snap.path)
-        got = {
-            v.path: keras.ops.convert_to_numpy(v).astype(np.float64)
-            for v in sorted(loaded.trainable_variables, key=lambda v: by_path[v.path])
-        }
-        assert_close(got, power_reference(rec.steps, snap.sigma_rel, snap.step))
-        assert all(d.dtype == np.float64 for d in got.values())  # float32 in the file
+        assert_close(loaded(snap.path), power_reference(rec.steps, snap.sigma_rel, snap.step))
         with h5py.File(snap.path, "r") as f:
             assert {f[k].dtype for k in ("layers/dense/vars/0", "layers/dense_1/vars/0")} == {
                 np.dtype("float32")
@@ -204,6 +203,36 @@ def test_sweep_scores_each_width_and_writes_the_best(run, tmp_path, capsys):
     best = min(scores, key=scores.get)
     assert lines[4] == f"best: sigma_rel {best:.4f} (loss {scores[best]:.4f})"
     assert_same(read(out), read(tmp_path / f"{best}.weights.h5"))
+
+
+@pytest.mark.parametrize(
+    "compile_args, steps",
+    [
+        ({"gradient_accumulation_steps": 3}, [5, 10, 15]),  # 16 updates in 48 batches
+        pytest.param(
+            {"steps_per_execution": 4},
+            [8, 12, 16, 20, 28, 32, 36, 40, 48],  # a few steps late
+            marks=pytest.mark.skipif(
+                keras.backend.backend() == "torch", reason="torch runs one step a call"
+            ),
+        ),
+    ],
+    ids=["accumulating", "steps-per-execution"],
+)
+def test_snapshots_come_every_n_real_steps_and_record_their_exact_step(
+    tmp_path, compile_args, steps
+):
+    model = make_model(**{k: v for k, v in compile_args.items() if k != "steps_per_execution"})
+    if "steps_per_execution" in compile_args:
+        model.compile(optimizer=model.optimizer, loss="mse", steps_per_execution=4)
+    rec = Recorder()
+    model.fit(X, Y, epochs=6, callbacks=[PostHocEMA(tmp_path, every_steps=5), rec], **FIT)
+    assert sorted({s.step for s in snapshots(tmp_path)}) == steps
+    if "gradient_accumulation_steps" in compile_args:  # each holds the EMA of its step
+        pairs = zip(rec.steps[1:], rec.iterations[:-1], rec.iterations[1:], strict=True)
+        updates = [rec.steps[0], *(w for w, before, after in pairs if after > before)]
+        for snap in snapshots(tmp_path):
+            assert_close(loaded(snap.path), power_reference(updates, snap.sigma_rel, snap.step))
 
 
 def test_an_interrupted_run_resumes_to_the_same_snapshots(tmp_path):

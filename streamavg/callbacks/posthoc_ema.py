@@ -83,8 +83,8 @@ class PostHocEMA(keras.callbacks.Callback):
             )
             for i, s in enumerate(sigma_rels)
         ]
-        self._steps = 0  # optimizer steps when the epoch began (exact) ...
-        self._next = 0  # ... and the step of the next snapshot
+        self._steps = 0  # optimizer steps when the epoch began (exact)
+        self._next: int | None = None  # the step of the next snapshot
 
     def set_model(self, model):
         super().set_model(model)
@@ -107,17 +107,20 @@ class PostHocEMA(keras.callbacks.Callback):
         for ema in self.emas:
             ema.on_epoch_begin(epoch, logs)  # the first loads a state file, if there is one
         self._steps = self.emas[0]._step_count()
-        self._next = (self._steps // self.every_steps + 1) * self.every_steps
+        if self._next is None:  # a new run, or resumed: a snapshot due now is taken now
+            self._next = max(
+                self.every_steps, -(-self._steps // self.every_steps) * self.every_steps
+            )
+        if self._steps >= self._next:
+            self._snapshot(self._steps)
 
     def on_train_batch_end(self, batch, logs=None):
         every = self.model.optimizer.gradient_accumulation_steps or 1
-        if self._steps + (batch + 1) // every < self._next:  # at most: skipped steps count
+        if self._steps + -(-(batch + 1) // every) < self._next:  # at most the steps taken
             return
-        step = self.emas[0]._step_count()
+        step = self.emas[0]._step_count()  # exact: skipped steps do not count
         if step >= self._next:
-            for ema in self.emas:
-                self._snapshot(ema, step)
-            self._next = (step // self.every_steps + 1) * self.every_steps
+            self._snapshot(step)
 
     def on_epoch_end(self, epoch, logs=None):
         for ema in self.emas:
@@ -127,10 +130,12 @@ class PostHocEMA(keras.callbacks.Callback):
         for ema in self.emas:
             ema.on_train_end(logs)
 
-    def _snapshot(self, ema: _PowerEMA, step: int) -> None:
-        meta = {"sigma_rel": ema.sigma_rel, "gamma": ema.gamma, "step": step}
-        path = self.directory / f"phema-{ema.sigma_rel:g}-{step:09d}.weights.h5"
-        ema._save_model_weights(path, {SNAPSHOT_ATTR: json.dumps(meta)})
+    def _snapshot(self, step: int) -> None:
+        for ema in self.emas:
+            meta = {"sigma_rel": ema.sigma_rel, "gamma": ema.gamma, "step": step}
+            path = self.directory / f"phema-{ema.sigma_rel:g}-{step:09d}.weights.h5"
+            ema._save_model_weights(path, {SNAPSHOT_ATTR: json.dumps(meta)})
+        self._next = (step // self.every_steps + 1) * self.every_steps
 
     def _write_model(self) -> None:
         try:
