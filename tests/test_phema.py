@@ -175,12 +175,14 @@ def test_a_folder_without_snapshots_is_refused(run, tmp_path, capsys):
     )
 
 
-def test_earlier_outputs_in_the_folder_are_not_taken_for_snapshots(run, tmp_path):
+def test_earlier_outputs_and_other_weights_in_the_folder_are_not_taken_for_snapshots(run, tmp_path):
     root = tmp_path / "stored"
     root.mkdir()
     for p in (run[0] / "stored").glob("phema-*-0000000[25]*.weights.h5"):
         (root / p.name).write_bytes(p.read_bytes())
     before = snapshots(root)
+    assert [s.step for s in before] == [25, 25, 50, 50]
+    make_model().save_weights(root / "best.weights.h5")  # as ModelCheckpoint writes it
     streamavg.phema(root, 0.07, output=root / "ema.weights.h5")  # copies the attribute
     assert snapshots(root) == before
 

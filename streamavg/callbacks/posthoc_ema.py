@@ -14,7 +14,7 @@ from keras import ops
 from ..posthoc import SNAPSHOT_ATTR, check_sigma_rel, gamma
 from ..publish import atomic_output
 from .averager import count_arg
-from .ema import EMA
+from .ema import EMA, _innermost
 
 
 class PostHocEMA(keras.callbacks.Callback):
@@ -115,7 +115,7 @@ class PostHocEMA(keras.callbacks.Callback):
             self._snapshot(self._steps)
 
     def on_train_batch_end(self, batch, logs=None):
-        every = self.model.optimizer.gradient_accumulation_steps or 1
+        every = _innermost(self.model.optimizer).gradient_accumulation_steps or 1
         if self._steps + -(-(batch + 1) // every) < self._next:  # at most the steps taken
             return
         step = self.emas[0]._step_count()  # exact: skipped steps do not count
