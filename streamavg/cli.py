@@ -1,4 +1,5 @@
-"""The command line: `streamavg PATH... [options]`, `streamavg inspect FILE`, `streamavg sweep`."""
+"""The command line: `streamavg PATH... [options]`, `streamavg inspect FILE`, `streamavg sweep`,
+`streamavg phema`."""
 
 from __future__ import annotations
 
@@ -11,7 +12,9 @@ import sys
 import threading
 import time
 from collections.abc import Sequence
+from pathlib import Path
 
+from . import synthesis
 from ._version import __version__
 from .api import OPTIMIZER_POLICIES, Plan, Result, plan, run
 from .engine import INTEGER_POLICIES
@@ -396,33 +399,38 @@ def _phema(argv: Sequence[str]) -> int:
     p.add_argument("--overwrite", action="store_true", help="replace an existing output")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar or weight table")
     args = p.parse_args(argv)
-    from .synthesis import parse_sweep, plan, sweep, write
-
     if args.step is not None and args.step < 1:
         raise UsageError(f"--step must be a positive step; got {args.step}")
+    scoring = [f"--{k}" for k in ("data", "metric", "model") if getattr(args, k)]
+    if scoring and not args.sweep:
+        raise UsageError(f"{', '.join(scoring)}: only with --sweep")
+    out = args.output
     widths = args.sigma_rel
     if args.sweep:
         if not args.data:
             raise UsageError("--sweep needs --data NPZ, the held-out arrays to score on")
         from .evaluate import keras_scorer
 
-        widths = parse_sweep(args.sweep)
+        widths = synthesis.parse_sweep(args.sweep)
+        if out and not (out.endswith(os.sep) or os.path.isdir(out)):  # refuse it before scoring
+            check_output(
+                Path(out), [s.path for s in synthesis.snapshots(args.directory)], args.overwrite
+            )
         model = args.model or os.path.join(args.directory, "model.keras")
         evaluate, metric, maximize = keras_scorer(model, args.data, args.metric, args.mode)
-        scores = sweep(args.directory, widths, evaluate=evaluate, step=args.step)
+        scores = synthesis.sweep(args.directory, widths, evaluate=evaluate, step=args.step)
         print(f"{'sigma_rel':>9}  {metric}")
         print("\n".join(f"{s:9.4f}  {score:.4f}" for s, score in scores.items()))
         widths = [(max if maximize else min)(scores, key=scores.get)]
         print(f"best: sigma_rel {widths[0]:.4f} ({metric} {scores[widths[0]]:.4f})")
-    out = args.output
     if len(widths) > 1 and out and not (out.endswith(os.sep) or os.path.isdir(out)):
         raise UsageError("several --sigma-rel write one file each: give -o a directory")
     for s in widths:
-        recipe = plan(args.directory, s, step=args.step)
+        recipe = synthesis.plan(args.directory, s, step=args.step)
         if not args.quiet:
             print(f"sigma_rel {s:g} at step {recipe.step}:")
             print(_phema_table(recipe))
-        result = write(
+        result = synthesis.write(
             recipe, args.directory, out, overwrite=args.overwrite, progress=not args.quiet
         )
         _print_notes(result)
@@ -430,7 +438,7 @@ def _phema(argv: Sequence[str]) -> int:
     return 0
 
 
-def _phema_table(recipe) -> str:
+def _phema_table(recipe: synthesis.Recipe) -> str:
     rows = [f"{'#':>3}  {'weight':>10}  {'sigma_rel':>9}  {'step':>9}  file"]
     pairs = zip(recipe.snapshots, recipe.plan.weights, strict=True)
     rows += [

@@ -153,12 +153,15 @@ def test_the_command_line_prints_the_weights_and_writes_the_same_bytes(run, tmp_
         (["--sigma-rel", "0.07", "--step", "0"], "--step must be a positive step; got 0"),
         (["--sigma-rel", "0.07", "0.08", "-o", "{tmp}/one.weights.h5"], "several --sigma-rel write one file each: give -o a directory"),
         (["--sweep", "0.05:0.1:3"], "--sweep needs --data NPZ, the held-out arrays to score on"),
+        (["--sigma-rel", "0.07", "--data", "x.npz", "--metric", "loss"], "--data, --metric: only with --sweep"),
+        (["--sweep", "0.05:0.1:3", "--data", "x.npz", "-o", "{root}/phema-0.05-000000025.weights.h5"],
+         "{root}/phema-0.05-000000025.weights.h5: output is one of the inputs"),  # before scoring
         (["--sweep", "0.1:0.05:3", "--data", "x.npz"], "--sweep needs FIRST < LAST and COUNT >= 2; got 0.1:0.05:3"),
     ],
 )  # fmt: skip
 def test_bad_requests_are_refused_in_one_line(run, tmp_path, capsys, args, message):
     root = run[0] / "stored"
-    args = [a.format(tmp=tmp_path) for a in args]
+    args = [a.format(tmp=tmp_path, root=root) for a in args]
     assert main(["phema", str(root), *args]) == 2
     assert capsys.readouterr().err == f"streamavg: error: {message.format(root=root)}\n"
     assert list(tmp_path.iterdir()) == []
