@@ -13,11 +13,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import NamedTuple
 
-import h5py
 import numpy as np
 
 from .api import Plan, Result, plan_tensors, run
 from .errors import StreamavgError, UsageError, option
+from .formats import open_checkpoint
 from .formats.base import PROVENANCE_KEY
 from .posthoc import SNAPSHOT_ATTR, check_sigma_rel, gamma, solve
 
@@ -40,15 +40,14 @@ def snapshots(directory: str | os.PathLike) -> list[Snapshot]:
     if not folder.is_dir():
         raise StreamavgError(f"{folder}: not a directory of PostHocEMA snapshots")
     found = []
-    for path in folder.glob("*.weights.h5"):
-        try:
-            with h5py.File(path, "r") as f:
-                attrs = dict(f.attrs)
-        except OSError as e:
-            raise StreamavgError(f"{path}: not a readable HDF5 file ({e})") from None
-        if SNAPSHOT_ATTR in attrs and PROVENANCE_KEY not in attrs:
+    for path in sorted(folder.glob("*.weights.h5")):
+        with open_checkpoint(path) as ck:  # refuses, in one line, a file it cannot read
+            names = ck.h5.attrs  # names only: no attribute is decoded before check_heaps
+            if SNAPSHOT_ATTR not in names or PROVENANCE_KEY in names:
+                continue
+            ck.check_heaps()
             try:
-                meta = json.loads(attrs[SNAPSHOT_ATTR])
+                meta = json.loads(ck.h5.attrs[SNAPSHOT_ATTR])
                 found.append(Snapshot(path, meta["sigma_rel"], meta["gamma"], meta["step"]))
             except (ValueError, KeyError, TypeError):
                 raise StreamavgError(f"{path}: {SNAPSHOT_ATTR} attribute is damaged") from None

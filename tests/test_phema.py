@@ -167,14 +167,18 @@ def test_bad_requests_are_refused_in_one_line(run, tmp_path, capsys, args, messa
     assert list(tmp_path.iterdir()) == []
 
 
-def test_a_folder_without_snapshots_is_refused(run, tmp_path, capsys):
-    (tmp_path / "other.weights.h5").write_bytes(
-        (run[0] / "stored" / "phema-0.05.state.h5").read_bytes()
-    )
+def test_a_folder_without_snapshots_or_with_an_unreadable_weights_file_is_refused(
+    run, tmp_path, capsys
+):
+    make_model().save_weights(tmp_path / "best.weights.h5")  # Keras weights, no snapshot
+    assert main(["phema", str(tmp_path), "--sigma-rel", "0.07"]) == 1
+    err = capsys.readouterr().err
+    assert err == f"streamavg: error: {tmp_path}: no PostHocEMA snapshots (*.weights.h5)\n"
+    junk = tmp_path / "other.weights.h5"  # HDF5, but not Keras weights: maybe a damaged snapshot
+    junk.write_bytes((run[0] / "stored" / "phema-0.05.state.h5").read_bytes())
     assert main(["phema", str(tmp_path), "--sigma-rel", "0.07"]) == 1
     assert (
-        capsys.readouterr().err
-        == f"streamavg: error: {tmp_path}: no PostHocEMA snapshots (*.weights.h5)\n"
+        capsys.readouterr().err == f"streamavg: error: {junk}: HDF5 file holds no Keras weights\n"
     )
 
 
