@@ -19,6 +19,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from ._version import __version__
+from .cluster import fold_on
 from .engine import MIN_MEMORY, fold, model_tensors, open_all, taken_whole, to_average
 from .errors import UsageError, option
 from .formats import FOLDERS, SUFFIXES, open_checkpoint
@@ -102,6 +103,7 @@ def run(
     integers: str = "equal",
     max_memory: int | None = None,
     progress: bool = False,
+    client: Any = None,
 ) -> Result:
     """Average the plan's checkpoints into `output`, a file in their own format.
 
@@ -111,6 +113,8 @@ def run(
     quantized kernel's scale), so that no layer is half averaged.
     `max_memory` caps the working buffers in bytes (default: a few MiB per core, which
     is fastest); memory never grows with the model's size or the number of checkpoints.
+    With a Dask `client`, the fold runs on its cluster (see `streamavg.cluster`), into the
+    same bytes.
     """
     if optimizer not in OPTIMIZER_POLICIES:
         raise UsageError(f"{option('optimizer')} must be one of {', '.join(OPTIMIZER_POLICIES)}")
@@ -141,15 +145,20 @@ def run(
             provenance=provenance,
             overwrite=overwrite,
         ) as write:
-            fold(
-                checkpoints,
-                np.array(p.weights),
-                averaged,
-                lambda t, index, values: write(t.name, values, index),
-                max_memory=max_memory,
-                allow_nonfinite=allow_nonfinite,
-                progress=progress,
-            )
+            if client is not None:
+                targets = getattr(write, "targets", None)
+                folding = {"allow_nonfinite": allow_nonfinite, "progress": progress}
+                fold_on(client, p.files, np.array(p.weights), averaged, targets, **folding)
+            else:
+                fold(
+                    checkpoints,
+                    np.array(p.weights),
+                    averaged,
+                    lambda t, index, values: write(t.name, values, index),
+                    max_memory=max_memory,
+                    allow_nonfinite=allow_nonfinite,
+                    progress=progress,
+                )
     return Result(dest, p.files, p.weights, notes)
 
 
@@ -169,6 +178,7 @@ def average(
     integers: str = "equal",
     max_memory: int | None = None,
     progress: bool = False,
+    client: Any = None,
     **plan_args: Any,
 ) -> Result:
     """Average Keras checkpoints into one file of their format: :func:`plan` with
@@ -185,6 +195,7 @@ def average(
         integers=integers,
         max_memory=max_memory,
         progress=progress,
+        client=client,
     )
 
 

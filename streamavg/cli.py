@@ -12,11 +12,13 @@ import sys
 import threading
 import time
 from collections.abc import Sequence
+from contextlib import nullcontext
 from pathlib import Path
 
 from . import synthesis
 from ._version import __version__
 from .api import OPTIMIZER_POLICIES, Plan, Result, plan, run
+from .cluster import dask_client
 from .engine import INTEGER_POLICIES
 from .errors import StreamavgError, UsageError, command_line
 from .formats import FOLDERS, open_checkpoint
@@ -87,6 +89,12 @@ def _parser() -> argparse.ArgumentParser:
         type=_size,
         help="cap the working buffers, e.g. 64M or 1G (default: a few MiB per core, fastest); "
         "memory never grows with the model's size or the number of checkpoints",
+    )
+    out.add_argument(
+        "--scheduler",
+        metavar="ADDRESS",
+        help="fold on this Dask scheduler's workers (tcp://HOST:PORT), which read the inputs "
+        "and write the output themselves: paths must be the same on every worker",
     )
     out.add_argument("-q", "--quiet", action="store_true", help="no progress bar or weight table")
     out.add_argument(
@@ -234,16 +242,18 @@ def _average(argv: Sequence[str]) -> int:
             check_output(dest, p.files, args.overwrite, folder=newest.format in FOLDERS)
         print(f"dry run: would average {count(len(p.files), 'file')} ({p.scheme}) into {dest}")
         return 0
-    result = run(
-        p,
-        args.output,
-        optimizer=args.optimizer,
-        overwrite=args.overwrite,
-        allow_nonfinite=args.allow_nonfinite,
-        integers=args.integers,
-        max_memory=args.max_memory,
-        progress=not args.quiet,
-    )
+    with dask_client(args.scheduler) if args.scheduler else nullcontext() as client:
+        result = run(
+            p,
+            args.output,
+            optimizer=args.optimizer,
+            overwrite=args.overwrite,
+            allow_nonfinite=args.allow_nonfinite,
+            integers=args.integers,
+            max_memory=args.max_memory,
+            progress=not args.quiet,
+            client=client,
+        )
     _print_notes(result)
     peak_mb = _peak_rss_kib() / 1024
     print(

@@ -40,6 +40,11 @@ def option(name: str, value: object = None) -> str:
     return name if value is None else f"{name}={value!r}"
 
 
+def on_command_line() -> bool:
+    """Whether options are named as flags here (inside :func:`command_line`)."""
+    return _COMMAND_LINE.get()
+
+
 @contextmanager
 def command_line() -> Iterator[None]:
     """Within the block (and threads started with its context), options are named as flags."""

@@ -20,7 +20,7 @@ import struct
 from collections.abc import Collection, Iterator
 from contextlib import AbstractContextManager, contextmanager, suppress
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, NamedTuple
 
 import h5py
 import numpy as np
@@ -492,6 +492,15 @@ def _supported(stored: np.dtype) -> bool:
     )
 
 
+class Targets(NamedTuple):
+    """Where another process may write fresh tensors itself (`os.pwritev` into `path`, at
+    `offsets` by name), and where the CRC-32 of what it writes must go, if anywhere."""
+
+    path: Path
+    offsets: dict[str, int]
+    checksums: dict[int, tuple[int, int]] | None
+
+
 @contextmanager
 def h5_like(
     template: Checkpoint,
@@ -553,6 +562,7 @@ def h5_like(
                 else:
                     writer.write(offset + flat_start(ds.shape, index) * data.itemsize, data)
 
+            write.targets = Targets(path, offsets, checksums)  # for writers in other processes
             yield write
         finally:
             writer.close()

@@ -1,0 +1,133 @@
+"""The fold on a Dask cluster: tasks named `streamavg-fold-...`, each folding a group of
+tensors. Workers open the inputs themselves (shared paths) and write their results
+straight into the output's temporary file at its datasets' offsets, so the client never
+handles tensor data; the client publishes the file once every task is done.
+
+>>> from distributed import Client  # doctest: +SKIP
+>>> client = Client("tcp://10.0.0.5:8786")  # doctest: +SKIP
+>>> streamavg.average(["ckpts/"], scheme="linear", client=client)  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Sequence
+from contextlib import ExitStack
+from pathlib import Path
+
+import numpy as np
+
+from .blocks import flat_start
+from .engine import fold, open_all
+from .errors import UsageError, command_line, on_command_line
+from .formats import Tensor
+from .formats.hdf5 import Targets
+from .progress import bytes_bar
+from .publish import OffsetWriter
+
+TASK_BYTES = 64 << 20  # a task folds about this many bytes of each checkpoint, at least
+
+
+def dask_client(address: str):
+    """A Dask client of the scheduler at `address`; one line if Dask is not installed."""
+    try:
+        from distributed import Client
+    except ImportError:
+        raise UsageError("--scheduler needs Dask: pip install 'streamavg[dask]'") from None
+    return Client(address)
+
+
+def groups(tensors: Sequence[Tensor], workers: int) -> list[list[Tensor]]:
+    """`tensors` in groups of similar size, a few per worker, at least TASK_BYTES each."""
+    total = sum(t.nbytes for t in tensors)
+    size = max(TASK_BYTES, total // max(1, 4 * workers))
+    out: list[list[Tensor]] = [[]]
+    filled = 0
+    for t in tensors:
+        if out[-1] and filled + t.nbytes > size:
+            out.append([])
+            filled = 0
+        out[-1].append(t)
+        filled += t.nbytes
+    return [g for g in out if g]
+
+
+def fold_on(
+    client,
+    files: Sequence[Path],
+    weights: np.ndarray,
+    tensors: Sequence[Tensor],
+    targets: Targets | None,
+    *,
+    allow_nonfinite: bool,
+    progress: bool,
+) -> None:
+    """Fold `tensors` of `files` into the output `targets` describe, as Dask tasks."""
+    if targets is None or not {t.name for t in tensors} <= targets.offsets.keys():
+        raise UsageError("the Dask fold writes .keras, .weights.h5 and .h5 outputs only, for now")
+    from distributed import as_completed
+
+    parts = groups(tensors, len(client.scheduler_info()["workers"]))
+    run = uuid.uuid4().hex[:8]
+    futures = [
+        client.submit(
+            _fold_group,
+            [str(f) for f in files],
+            weights,
+            group,
+            str(targets.path),
+            {t.name: targets.offsets[t.name] for t in group},
+            targets.checksums is not None,
+            allow_nonfinite,
+            on_command_line(),  # so that a task's errors name options as the caller does
+            key=f"streamavg-fold-{run}-{i}",
+            pure=False,
+        )
+        for i, group in enumerate(parts)
+    ]
+    bar = bytes_bar(sum(t.nbytes for t in tensors) * len(files), "averaging") if progress else None
+    sizes = {
+        f.key: sum(t.nbytes for t in g) * len(files) for f, g in zip(futures, parts, strict=True)
+    }
+    try:
+        for future in as_completed(futures):
+            sums = future.result()  # raises the task's error, as a local fold would
+            if sums:
+                targets.checksums.update(sums)
+            if bar is not None:
+                bar.update(sizes[future.key])
+    finally:
+        for future in futures:
+            future.cancel()
+        if bar is not None:
+            bar.close()
+
+
+def _fold_group(
+    files: list[str],
+    weights: np.ndarray,
+    tensors: list[Tensor],
+    path: str,
+    offsets: dict[str, int],
+    checksummed: bool,
+    allow_nonfinite: bool,
+    flags: bool,
+) -> dict[int, tuple[int, int]] | None:
+    """One task, on a worker: fold `tensors` and write them at `offsets` in `path`; the
+    CRC-32 of each range written, if `checksummed`."""
+    sums: dict[int, tuple[int, int]] | None = {} if checksummed else None
+    with ExitStack() as stack:
+        if flags:
+            stack.enter_context(command_line())
+        checkpoints = open_all(files, stack)
+        writer = OffsetWriter(Path(path), sums)
+        try:
+
+            def write(t: Tensor, index: tuple[slice, ...], values: np.ndarray) -> None:
+                data = np.ascontiguousarray(values)
+                writer.write(offsets[t.name] + flat_start(t.shape, index) * data.itemsize, data)
+
+            fold(checkpoints, weights, tensors, write, allow_nonfinite=allow_nonfinite)
+        finally:
+            writer.close()
+    return sums

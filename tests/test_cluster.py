@@ -1,0 +1,96 @@
+"""The fold on a real Dask cluster: a scheduler and two worker processes on loopback."""
+
+from __future__ import annotations
+
+import h5py
+import numpy as np
+import pytest
+from distributed import Client, LocalCluster, get_task_stream
+from safetensors.numpy import save_file
+
+import streamavg
+from streamavg import cluster
+from streamavg.cli import main
+
+CASES = {
+    "k3-keras": ".keras",
+    "k3-keras-bf16": ".keras",
+    "k3-weights": ".weights.h5",
+    "k3-h5": ".h5",
+    "k2-h5": ".h5",
+}
+
+
+@pytest.fixture(scope="module")
+def client():
+    with (
+        LocalCluster(
+            n_workers=2,
+            threads_per_worker=1,
+            processes=True,
+            host="127.0.0.1",
+            dashboard_address=None,
+        ) as workers,
+        Client(workers) as c,
+    ):
+        yield c
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_the_cluster_writes_the_bytes_a_local_run_writes(
+    checkpoints, tmp_path, client, monkeypatch, case
+):
+    suffix = CASES[case]
+    local = streamavg.average([checkpoints / case], scheme="linear", output=tmp_path / f"a{suffix}")
+    monkeypatch.setattr(cluster, "TASK_BYTES", 1)  # a task per tensor: several per worker
+    with get_task_stream(client) as tasks:
+        spread = streamavg.average(
+            [checkpoints / case], scheme="linear", output=tmp_path / f"b{suffix}", client=client
+        )
+    assert spread.output.read_bytes() == local.output.read_bytes()
+    keys = {str(t["key"]) for t in tasks.data}
+    assert len(keys) > 2 and all(k.startswith("streamavg-fold-") for k in keys)
+    assert {t["worker"] for t in tasks.data} == set(client.scheduler_info()["workers"])
+
+
+def test_the_command_line_folds_on_a_scheduler(checkpoints, tmp_path, client, capsys):
+    local, spread = tmp_path / "a.weights.h5", tmp_path / "b.weights.h5"
+    assert main([str(checkpoints / "k3-weights"), "-o", str(local), "-q"]) == 0
+    address = client.scheduler.address
+    assert (
+        main([str(checkpoints / "k3-weights"), "-o", str(spread), "-q", "--scheduler", address])
+        == 0
+    )
+    assert spread.read_bytes() == local.read_bytes()
+
+
+def test_a_task_that_fails_stops_the_run_in_one_line_and_leaves_nothing(
+    case_copy, tmp_path, client, capsys
+):
+    ckpts = case_copy("k3-weights")
+    with h5py.File(ckpts / "model_3.weights.h5", "a") as f:
+        f["layers/dense/vars/1"][0] = np.nan
+    out = tmp_path / "out"
+    out.mkdir()
+    before = {p: p.read_bytes() for p in ckpts.iterdir()}
+    argv = [str(ckpts), "-o", str(out / "avg.weights.h5"), "--scheduler", client.scheduler.address]
+    assert main(argv) == 1
+    assert capsys.readouterr().err == (
+        f"streamavg: error: {ckpts}/model_3.weights.h5: layers/dense/vars/1: contains NaN or Inf "
+        "(pass --allow-nonfinite to average anyway)\n"
+    )
+    assert list(out.iterdir()) == []
+    assert {p: p.read_bytes() for p in ckpts.iterdir()} == before
+
+
+def test_an_output_the_workers_cannot_write_yet_is_refused_in_one_line(tmp_path, client, capsys):
+    for epoch in (1, 2):
+        save_file(
+            {"w": np.full((4, 4), epoch, np.float32)}, str(tmp_path / f"m_{epoch}.safetensors")
+        )
+    out = tmp_path / "avg.safetensors"
+    assert main([str(tmp_path), "-o", str(out), "-q", "--scheduler", client.scheduler.address]) == 2
+    assert capsys.readouterr().err == (
+        "streamavg: error: the Dask fold writes .keras, .weights.h5 and .h5 outputs only, for now\n"
+    )
+    assert not out.exists()
