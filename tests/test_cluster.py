@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import signal
+import threading
+import time
+
 import h5py
 import numpy as np
 import pytest
@@ -94,3 +99,51 @@ def test_an_output_the_workers_cannot_write_yet_is_refused_in_one_line(tmp_path,
         "streamavg: error: the Dask fold writes .keras, .weights.h5 and .h5 outputs only, for now\n"
     )
     assert not out.exists()
+
+
+@pytest.fixture(scope="module")
+def larger(tmp_path_factory):
+    """Eight checkpoints of a 20-layer MLP (about 5 MB each), written by Keras's `fit`."""
+    import keras
+
+    folder = tmp_path_factory.mktemp("larger")
+    keras.utils.set_random_seed(0)
+    layers = [keras.layers.Dense(256, activation="relu") for _ in range(20)]
+    model = keras.Sequential([keras.Input((64,)), *layers, keras.layers.Dense(1)])
+    model.compile("sgd", "mse")
+    save = keras.callbacks.ModelCheckpoint(
+        folder / "model_{epoch}.weights.h5", save_weights_only=True
+    )
+    x = np.random.default_rng(0).normal(size=(64, 64)).astype("float32")
+    model.fit(x, x[:, :1], epochs=8, verbose=0, callbacks=[save])
+    return folder
+
+
+def test_a_worker_killed_mid_run_is_replaced_and_the_bytes_are_unchanged(
+    larger, tmp_path, client, monkeypatch
+):
+    local = streamavg.average([larger], output=tmp_path / "a.weights.h5")
+    monkeypatch.setattr(cluster, "TASK_BYTES", 1)  # a task per tensor: 42 of them
+    pids = client.run(os.getpid)
+    result = {}
+    run = threading.Thread(
+        target=lambda: result.update(
+            out=streamavg.average([larger], output=tmp_path / "b.weights.h5", client=client)
+        )
+    )
+    run.start()
+    victim = None
+    while victim is None and run.is_alive():
+        busy = [
+            w
+            for w, keys in client.processing().items()
+            if any("streamavg-fold" in str(k) for k in keys)
+        ]
+        victim = busy[0] if busy else None
+        time.sleep(0.005)
+    assert victim is not None, "the run ended before a worker could be killed"
+    os.kill(pids[victim], signal.SIGKILL)
+    run.join()
+    assert result["out"].output.read_bytes() == local.output.read_bytes()
+    client.wait_for_workers(2)
+    assert victim not in client.scheduler_info()["workers"]  # a new worker took its place
