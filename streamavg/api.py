@@ -18,6 +18,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
+from . import remote
 from ._version import __version__
 from .cluster import fold_on
 from .engine import MIN_MEMORY, fold, model_tensors, open_all, taken_whole, to_average
@@ -49,7 +50,7 @@ class Result(NamedTuple):
     """What was written (None when averaged in memory or loaded into a model), from what;
     `notes` say what was not averaged (layers taken whole from the newest checkpoint)."""
 
-    output: Path | None
+    output: Path | str | None  # a str for a URL
     files: tuple[Path, ...]
     weights: tuple[float, ...]
     notes: tuple[str, ...] = ()
@@ -116,6 +117,18 @@ def run(
     With a Dask `client`, the fold runs on its cluster (see `streamavg.cluster`), into the
     same bytes.
     """
+    if remote.is_url(output):
+        return _run_to_url(
+            p,
+            os.fspath(output),
+            optimizer=optimizer,
+            overwrite=overwrite,
+            allow_nonfinite=allow_nonfinite,
+            integers=integers,
+            max_memory=max_memory,
+            progress=progress,
+            client=client,
+        )
     if optimizer not in OPTIMIZER_POLICIES:
         raise UsageError(f"{option('optimizer')} must be one of {', '.join(OPTIMIZER_POLICIES)}")
     if max_memory is not None and max_memory < MIN_MEMORY:
@@ -160,6 +173,22 @@ def run(
                     progress=progress,
                 )
     return Result(dest, p.files, p.weights, notes)
+
+
+def _run_to_url(p: Plan, url: str, *, overwrite: bool, **options: Any) -> Result:
+    """`run` into object storage: into a local temporary file, then uploaded whole. A URL
+    ending in "/" takes the default name inside it."""
+    folder = url.endswith("/")
+    if not folder:
+        remote.check_destination(url, overwrite)  # before any work
+    with tempfile.TemporaryDirectory(prefix="streamavg-") as tmp:
+        local = f"{tmp}{os.sep}" if folder else Path(tmp) / url.rsplit("/", 1)[-1]
+        result = run(p, local, **options)
+        target = url + result.output.name if folder else url
+        if folder:
+            remote.check_destination(target, overwrite)
+        remote.upload(result.output, target)
+    return result._replace(output=target)
 
 
 def _relative(files: Sequence[Path]) -> list[str]:

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from contextlib import nullcontext
 from pathlib import Path
 
-from . import synthesis
+from . import remote, synthesis
 from ._version import __version__
 from .api import OPTIMIZER_POLICIES, Plan, Result, plan, run
 from .cluster import dask_client
@@ -238,8 +238,11 @@ def _average(argv: Sequence[str]) -> int:
         print(_table(p))
     if args.dry_run:
         with open_checkpoint(p.files[-1]) as newest:
-            dest = destination(args.output, newest, p.scheme, p.files)
-            check_output(dest, p.files, args.overwrite, folder=newest.format in FOLDERS)
+            if remote.is_url(args.output):
+                dest = args.output  # its name is checked when the local file is written
+            else:
+                dest = destination(args.output, newest, p.scheme, p.files)
+                check_output(dest, p.files, args.overwrite, folder=newest.format in FOLDERS)
         print(f"dry run: would average {count(len(p.files), 'file')} ({p.scheme}) into {dest}")
         return 0
     with dask_client(args.scheduler) if args.scheduler else nullcontext() as client:
@@ -333,7 +336,7 @@ def _sweep(argv: Sequence[str]) -> int:
     files = chosen.files
     order = {"template": args.template}  # selecting among `files` again keeps their order
     integers = args.integers
-    if args.output:  # refuse a bad output now, not after scoring every average
+    if args.output and not remote.is_url(args.output):  # refuse it before scoring
         with open_checkpoint(files[-1]) as newest:
             dest = destination(args.output, newest, "sweep", files)
             check_output(dest, files, args.overwrite, folder=newest.format in FOLDERS)

@@ -20,6 +20,7 @@ from .errors import StreamavgError, UsageError, option
 from .formats import open_checkpoint
 from .formats.base import PROVENANCE_KEY
 from .posthoc import SNAPSHOT_ATTR, check_sigma_rel, gamma, solve
+from .remote import is_url
 
 DEFAULT_FOLDER = "phema-out"  # inside the snapshots' directory
 
@@ -94,12 +95,14 @@ def plan(directory: str | os.PathLike, sigma_rel: float, *, step: int | None = N
 
 def output_path(
     output: str | os.PathLike | None, directory: str | os.PathLike, sigma_rel: float, t: int
-) -> Path:
-    """`output`, or the default name inside it if it is a directory; by default
-    DIRECTORY/phema-out/ema-SIGMA-STEP.weights.h5."""
+) -> Path | str:
+    """`output`, or the default name inside it if it is a directory (or a URL ending in
+    "/"); by default DIRECTORY/phema-out/ema-SIGMA-STEP.weights.h5."""
     name = f"ema-{sigma_rel:g}-{t:09d}.weights.h5"
     if output is None:
         return Path(directory) / DEFAULT_FOLDER / name
+    if is_url(output):
+        return f"{output}{name}" if os.fspath(output).endswith("/") else os.fspath(output)
     if os.fspath(output).endswith(os.sep) or Path(output).is_dir():
         return Path(output) / name
     return Path(output)

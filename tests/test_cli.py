@@ -458,15 +458,20 @@ def test_usage_errors_are_one_line_without_arguments_required_noise(capsys):
     )
 
 
-def test_url_outputs_are_refused_and_nothing_is_created(checkpoints, tmp_path, capsys, monkeypatch):
+@pytest.mark.parametrize(
+    "url, why",
+    [
+        ("gs://bucket/avg.keras", "Please install gcsfs to access Google Storage"),
+        ("foo://bucket/run/avg.keras", "Protocol not known: foo"),
+        ("https://x.org/a.keras", "HTTP is read-only; write to object storage (s3://, gs://, ...)"),
+    ],
+)  # fmt: skip
+def test_url_outputs_that_cannot_be_written_are_refused_and_nothing_is_created(
+    checkpoints, tmp_path, capsys, monkeypatch, url, why
+):
     monkeypatch.chdir(tmp_path)
-    for url in ("gs://bucket/avg.keras", "s3://bucket/run/", "https://example.com/a.keras"):
-        code, _, err = run(capsys, checkpoints / "k3-keras", "-o", url)
-        assert (code, err) == (
-            2,
-            f"streamavg: error: {url}: URLs (remote storage) are not supported yet; "
-            "use a local path\n",
-        )
+    code, _, err = run(capsys, checkpoints / "k3-keras", "-o", url)
+    assert (code, err) == (2, f"streamavg: error: {url}: {why}\n")
     assert list(tmp_path.iterdir()) == []
 
 
