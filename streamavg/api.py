@@ -115,25 +115,19 @@ def run(
     `max_memory` caps the working buffers in bytes (default: a few MiB per core, which
     is fastest); memory never grows with the model's size or the number of checkpoints.
     With a Dask `client`, the fold runs on its cluster (see `streamavg.cluster`), into the
-    same bytes.
+    same bytes. A URL `output` (`s3://...`) is written locally, then uploaded whole.
     """
-    if remote.is_url(output):
-        return _run_to_url(
-            p,
-            os.fspath(output),
-            optimizer=optimizer,
-            overwrite=overwrite,
-            allow_nonfinite=allow_nonfinite,
-            integers=integers,
-            max_memory=max_memory,
-            progress=progress,
-            client=client,
-        )
     if optimizer not in OPTIMIZER_POLICIES:
         raise UsageError(f"{option('optimizer')} must be one of {', '.join(OPTIMIZER_POLICIES)}")
     if max_memory is not None and max_memory < MIN_MEMORY:
         raise UsageError(f"{option('max_memory')} must be at least {MIN_MEMORY >> 20}M")
+    url = os.fspath(output) if remote.is_url(output) else None
     with ExitStack() as stack:
+        if url is not None:  # written here, then uploaded whole (see streamavg.remote)
+            if not url.endswith("/"):
+                remote.check_destination(url, overwrite)  # before any work
+            tmp = stack.enter_context(tempfile.TemporaryDirectory(prefix="streamavg-"))
+            output = f"{tmp}{os.sep}" if url.endswith("/") else Path(tmp) / url.rsplit("/", 1)[1]
         checkpoints = open_all(p.files, stack)
         newest = checkpoints[-1]
         dest = destination(output, newest, p.scheme, p.files)
@@ -172,23 +166,13 @@ def run(
                     allow_nonfinite=allow_nonfinite,
                     progress=progress,
                 )
+        if url is not None:
+            if url.endswith("/"):  # the default name inside it
+                url += dest.name
+                remote.check_destination(url, overwrite)
+            remote.upload(dest, url)
+            dest = url
     return Result(dest, p.files, p.weights, notes)
-
-
-def _run_to_url(p: Plan, url: str, *, overwrite: bool, **options: Any) -> Result:
-    """`run` into object storage: into a local temporary file, then uploaded whole. A URL
-    ending in "/" takes the default name inside it."""
-    folder = url.endswith("/")
-    if not folder:
-        remote.check_destination(url, overwrite)  # before any work
-    with tempfile.TemporaryDirectory(prefix="streamavg-") as tmp:
-        local = f"{tmp}{os.sep}" if folder else Path(tmp) / url.rsplit("/", 1)[-1]
-        result = run(p, local, **options)
-        target = url + result.output.name if folder else url
-        if folder:
-            remote.check_destination(target, overwrite)
-        remote.upload(result.output, target)
-    return result._replace(output=target)
 
 
 def _relative(files: Sequence[Path]) -> list[str]:
