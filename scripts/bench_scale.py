@@ -1,24 +1,32 @@
-"""The fold on a Dask cluster against a local run, on this machine: time, peak memory per
-worker, per-task overhead and bytes per task, for the README's extrapolation.
+"""The fold on a Dask cluster against a local run, on this machine, from local files and
+from an S3 server on loopback: time, peak memory per worker, per-task overhead and bytes
+per task, for the README's extrapolation.
 
-Writes --n Keras 3 `.keras` checkpoints of about --mb MB (as scripts/bench.py does), then
-times, median of --repeats, each in this process (which never imports Keras):
+Writes --n Keras 3 `.keras` checkpoints of about --mb MB (as scripts/bench.py does),
+uploads them to moto's S3 server (started here, in its own process, on 127.0.0.1), then
+times, median of --repeats, for each source of inputs (local files, then S3):
 
-  local      streamavg.average(DIR, output=OUT): the threads of one process
-  dask-K     the same with client=, on a scheduler and K worker processes (one thread
-             each) started with the `dask` commands on loopback, restarted before each run
+  local      `python -m streamavg INPUTS -o OUT`: the threads of one process; its own
+             peak RSS (os.wait4)
+  dask-K     streamavg.average(INPUTS, client=) from this process, on a scheduler and K
+             worker processes (one thread each) started with the `dask` commands on
+             loopback, restarted before each run; each worker's peak RSS
+  floor      reading every byte of the inputs once: `cat` of the files (page cache), or
+             s3fs fetching them in 8 MiB ranges, all at once
 and the per-task overhead: a Dask round trip (200 tiny tasks on the cluster) plus opening
 the inputs' metadata, which every task does before folding.
 
-    .venv/bin/python scripts/bench_scale.py --workdir bench-out/scale --n 10 --mb 200
+    .venv/bin/python scripts/bench_scale.py --workdir bench-out/scale --n 10 --mb 100
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import resource
+import socket
 import statistics
 import subprocess
 import sys
@@ -65,6 +73,62 @@ def dask_cluster(workers: int, workdir: Path):
             p.wait()
 
 
+@contextmanager
+def s3_server():
+    """moto's S3 server in its own process on loopback, with a bucket `bench`; the
+    environment (inherited by the workers started after) points at it."""
+    import s3fs
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    quiet = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL}
+    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1",
+                               "-p", str(port)], **quiet)  # fmt: skip
+    os.environ.update(
+        AWS_ACCESS_KEY_ID="bench",
+        AWS_SECRET_ACCESS_KEY="bench",
+        AWS_DEFAULT_REGION="us-east-1",
+        AWS_EC2_METADATA_DISABLED="true",
+        AWS_ENDPOINT_URL=f"http://127.0.0.1:{port}",
+    )
+    try:
+        while True:
+            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port)):
+                break
+            time.sleep(0.1)
+        fs = s3fs.S3FileSystem()
+        fs.mkdir("bench")
+        yield fs
+    finally:
+        server.terminate()
+        server.wait()
+
+
+def cli(inputs: list[str], out: Path) -> tuple[float, float]:
+    """`python -m streamavg` in a child process: its wall time, and its own peak RSS."""
+    start = time.perf_counter()
+    proc = subprocess.Popen([sys.executable, "-m", "streamavg", *inputs, "-o", str(out),
+                             "--overwrite", "-q"])  # fmt: skip
+    _, status, usage = os.wait4(proc.pid, 0)
+    if status:
+        sys.exit(f"streamavg failed ({status})")
+    return time.perf_counter() - start, usage.ru_maxrss / 1024
+
+
+def floor(fs, inputs: list[str]) -> None:
+    """Every byte of the inputs read once: from the page cache, or from S3 in 8 MiB ranges."""
+    if fs is None:
+        for f in inputs:
+            Path(f).read_bytes()
+        return
+    chunk = 8 << 20
+    ranges = [
+        (f, a, min(a + chunk, fs.size(f))) for f in inputs for a in range(0, fs.size(f), chunk)
+    ]
+    fs.cat_ranges(*map(list, zip(*ranges, strict=True)))
+
+
 def open_only(files: list[Path]) -> None:
     """What each task does before folding: open every input (metadata only)."""
     with ExitStack() as stack:
@@ -97,46 +161,67 @@ def main() -> None:
         tensors = streamavg.engine.to_average(checkpoints)
     per_checkpoint = sum(t.nbytes for t in tensors)
 
-    def average(client=None):
-        streamavg.average(files, output=out, overwrite=True, client=client)
-
-    results = {"local": {"seconds": timed(average, args.repeats), "tasks": 0}}
-    results["local"]["peak_rss_mib"] = peak_rss_mib()
-    local_bytes = out.read_bytes()
-    for k in args.workers:
-        with dask_cluster(k, args.workdir) as client:
-            tasks = len(cluster.groups(tensors, k))
-            seconds = []
-            for _ in range(args.repeats):
-                client.restart()
-                seconds += timed(lambda: average(client), 1)
-            assert out.read_bytes() == local_bytes, "the cluster wrote other bytes"
-            rss = client.run(peak_rss_mib)
-            results[f"dask-{k}"] = {
-                "seconds": seconds,
-                "tasks": tasks,
-                "peak_rss_mib_per_worker": sorted(rss.values()),
+    results: dict[str, dict] = {}
+    with s3_server() as fs:
+        urls = []
+        for f in files:
+            fs.put_file(str(f), f"bench/ckpts/{f.name}")
+            urls.append(f"s3://bench/ckpts/{f.name}")
+        for source, inputs in (("local", [str(f) for f in files]), ("s3", urls)):
+            runs = [cli(inputs, out) for _ in range(args.repeats)]
+            results[f"{source}"] = {"seconds": [w for w, _ in runs], "tasks": 0,
+                                    "peak_rss_mib": max(r for _, r in runs)}  # fmt: skip
+            reference = out.read_bytes()
+            for k in args.workers:
+                with dask_cluster(k, args.workdir) as client:
+                    seconds = []
+                    for _ in range(args.repeats):
+                        client.restart()
+                        seconds += timed(
+                            lambda inputs=inputs, client=client: streamavg.average(
+                                inputs, output=out, overwrite=True, client=client
+                            ),
+                            1,
+                        )
+                    assert out.read_bytes() == reference, "the cluster wrote other bytes"
+                    rss = client.run(peak_rss_mib)
+                    results[f"{source} dask-{k}"] = {
+                        "seconds": seconds,
+                        "tasks": len(cluster.groups(tensors, k)),
+                        "peak_rss_mib_per_worker": sorted(rss.values()),
+                    }
+                    if k == 1 and source == "local":  # a task's cost beyond folding: a round trip
+                        start = time.perf_counter()
+                        client.gather(client.map(len, [[i] for i in range(200)], pure=False))
+                        results["round_trip_s"] = (time.perf_counter() - start) / 200
+            results[f"{source} floor"] = {
+                "seconds": timed(
+                    lambda store=fs if source == "s3" else None, inputs=inputs: floor(
+                        store, inputs
+                    ),
+                    args.repeats,
+                ),
+                "tasks": 0,
             }
-            if k == 1:  # what a task costs beyond its folding: a round trip, and opening
-                start = time.perf_counter()
-                client.gather(client.map(len, [[i] for i in range(200)], pure=False))
-                results["round_trip_s"] = (time.perf_counter() - start) / 200
     round_trip = results.pop("round_trip_s")
     opening = statistics.median(timed(lambda: open_only(files), args.repeats))
     overhead = round_trip + opening
     print(f"{args.n} checkpoints of {per_checkpoint / 1e6:.0f} MB ({len(tensors)} tensors), "
           f"{os.cpu_count()} CPUs; median of {args.repeats}\n")  # fmt: skip
-    print("| run | wall | vs local | tasks | bytes per task (each checkpoint) | peak RSS |")
-    print("|---|---|---|---|---|---|")
+    print("| run | wall | vs local | vs its read floor | tasks "
+          "| bytes per task (each checkpoint) | peak RSS |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|")
     local = statistics.median(results["local"]["seconds"])
     for name, res in results.items():
         wall = statistics.median(res["seconds"])
+        read = statistics.median(results[f"{name.split()[0]} floor"]["seconds"])
         per_task = per_checkpoint / res["tasks"] if res["tasks"] else per_checkpoint
         rss = res.get(
             "peak_rss_mib_per_worker", [res["peak_rss_mib"]] if "peak_rss_mib" in res else []
         )
         print(
-            f"| {name} | {wall:.2f} s | {wall / local:.2f}x | {res['tasks'] or '-'} "
+            f"| {name} | {wall:.2f} s | {wall / local:.2f}x | {wall / read:.2f}x "
+            f"| {res['tasks'] or '-'} "
             f"| {per_task / 1e6:.1f} MB | {', '.join(f'{r:.0f} MiB' for r in rss) or '-'} |"
         )
     print(

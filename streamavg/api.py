@@ -24,7 +24,7 @@ from .cluster import fold_on
 from .engine import MIN_MEMORY, fold, model_tensors, open_all, taken_whole, to_average
 from .errors import UsageError, option
 from .formats import FOLDERS, SUFFIXES, open_checkpoint
-from .names import common_dir
+from .names import below, common_dir
 from .output import check_output, destination
 from .schemes import scheme_weights
 from .select import select_checkpoints
@@ -115,22 +115,27 @@ def run(
     `max_memory` caps the working buffers in bytes (default: a few MiB per core, which
     is fastest); memory never grows with the model's size or the number of checkpoints.
     With a Dask `client`, the fold runs on its cluster (see `streamavg.cluster`), into the
-    same bytes. A URL `output` (`s3://...`) is written locally, then uploaded whole.
+    same bytes. A URL `output` (`s3://...`; by default, beside inputs in a store) is
+    written locally, then uploaded (see :mod:`streamavg.remote`).
     """
     if optimizer not in OPTIMIZER_POLICIES:
         raise UsageError(f"{option('optimizer')} must be one of {', '.join(OPTIMIZER_POLICIES)}")
     if max_memory is not None and max_memory < MIN_MEMORY:
         raise UsageError(f"{option('max_memory')} must be at least {MIN_MEMORY >> 20}M")
-    url = os.fspath(output) if remote.is_url(output) else None
+    url = None
     with ExitStack() as stack:
-        if url is not None:  # written here, then uploaded whole (see streamavg.remote)
-            if not url.endswith("/"):
-                remote.check_destination(url, overwrite)  # before any work
-            tmp = stack.enter_context(tempfile.TemporaryDirectory(prefix="streamavg-"))
-            output = f"{tmp}{os.sep}" if url.endswith("/") else Path(tmp) / url.rsplit("/", 1)[1]
+        if remote.is_url(output) and not str(output).endswith("/"):
+            remote.check_destination(str(output), overwrite)  # before any work
         checkpoints = open_all(p.files, stack)
         newest = checkpoints[-1]
         dest = destination(output, newest, p.scheme, p.files)
+        if remote.is_url(dest):  # written here, then uploaded (see streamavg.remote)
+            url = str(dest)
+            if url in map(str, p.files):
+                raise UsageError(f"{url}: output is one of the inputs")
+            remote.check_destination(url, overwrite)
+            tmp = stack.enter_context(tempfile.TemporaryDirectory(prefix="streamavg-"))
+            dest = Path(tmp) / dest.name
         check_output(dest, p.files, overwrite, folder=newest.format in FOLDERS)
         averaged = to_average(checkpoints, integers=integers, max_memory=max_memory)
         whole = taken_whole(newest, averaged)
@@ -167,9 +172,6 @@ def run(
                     progress=progress,
                 )
         if url is not None:
-            if url.endswith("/"):  # the default name inside it
-                url += dest.name
-                remote.check_destination(url, overwrite)
             remote.upload(dest, url)
             dest = url
     return Result(dest, p.files, p.weights, notes)
@@ -178,7 +180,7 @@ def run(
 def _relative(files: Sequence[Path]) -> list[str]:
     """The files below their common directory: names, or `epoch_3/model.keras` and such."""
     root = common_dir(files)
-    return [os.path.relpath(os.path.abspath(f), root) for f in files]
+    return ["/".join(below(f, root)) for f in files]
 
 
 def average(

@@ -15,6 +15,7 @@ import os
 import re
 import resource
 import threading
+from collections import deque
 from collections.abc import Callable, Collection, Sequence
 from contextlib import ExitStack
 
@@ -25,6 +26,7 @@ from .errors import StreamavgError, UsageError, option
 from .formats import Reader, Tensor, open_checkpoint
 from .formats.hdf5 import BY_POSITION
 from .progress import bytes_bar
+from .remote import is_url
 
 PIECE_BYTES = 1 << 20  # float64 accumulator per piece: stays in the CPU cache
 BYTES_PER_ELEMENT = 24  # a worker's buffers: float64 sum and term, stored values (<= 8 bytes)
@@ -32,6 +34,8 @@ MIN_MEMORY = 1 << 20  # the smallest --max-memory: below it, per-call overhead d
 MIN_PIECE = 1 << 14  # elements; smaller pieces cost more in per-call overhead than they save
 FD_RESERVE = 64  # file descriptors left for the interpreter, HDF5 and the output
 WORKERS = min(8, os.cpu_count() or 1)  # reads and numpy release the GIL: one per core
+READ_AHEAD = 64 << 20  # bytes of inputs fetched ahead of the fold (from object storage)
+REMOTE_PIECES = 4  # bigger pieces from object storage: fewer, larger requests
 
 #: What to do with integer (and boolean) model tensors that differ between checkpoints.
 INTEGER_POLICIES = ("equal", "newest")
@@ -129,14 +133,15 @@ def _describe(t: Tensor) -> str:
     return f"shape {t.shape} {t.dtype}"
 
 
-def piece_layout(max_memory: int | None) -> tuple[int, int]:
+def piece_layout(max_memory: int | None, remote: bool = False) -> tuple[int, int]:
     """Worker threads and elements per piece whose buffers fit in `max_memory` bytes.
 
     Each worker holds a float64 sum, a float64 term and the stored values: 24 bytes an
-    element at most. Without a budget, pieces are PIECE_BYTES of float64 on every core.
+    element at most. Without a budget, pieces are PIECE_BYTES of float64 on every core,
+    REMOTE_PIECES times that for inputs in object storage, where each piece is a request.
     """
     if max_memory is None:
-        return WORKERS, PIECE_BYTES // 8
+        return WORKERS, PIECE_BYTES // 8 * (REMOTE_PIECES if remote else 1)
     workers = max(1, min(WORKERS, max_memory // (BYTES_PER_ELEMENT * MIN_PIECE)))
     return workers, max(1, min(PIECE_BYTES // 8, max_memory // (workers * BYTES_PER_ELEMENT)))
 
@@ -270,8 +275,15 @@ def fold(
         finish(t, (), acc, x.view(t.stored))
         return t.nbytes * len(checkpoints)
 
+    def prefetch(t: Tensor, index: tuple[slice, ...]) -> None:
+        for ck in checkpoints:
+            ck.prefetch(t.name, index)
+
+    remote = any(is_url(ck.path) for ck in checkpoints)
+    piece_bytes = piece_layout(max_memory, remote)[1] * 8 * len(checkpoints)  # all inputs, at most
+    ahead = (prefetch, max(1, READ_AHEAD // piece_bytes))
     try:
-        _each_piece(tensors, piece, max_memory, bar, whole=whole)
+        _each_piece(tensors, piece, max_memory, bar, whole=whole, ahead=ahead, remote=remote)
     finally:
         if bar is not None:
             bar.close()
@@ -298,22 +310,36 @@ def _each_piece(
     bar=None,
     *,
     whole: Collection[str] = (),
+    ahead: tuple[Callable[[Tensor, tuple[slice, ...]], None], int] | None = None,
+    remote: bool = False,
 ) -> None:
     """Call `piece(t, index, buffers)` on every block of every tensor (once, with index
     `()`, for the tensors named in `whole`); it returns the bytes it read, for the
-    progress `bar`.
+    progress `bar`. With `ahead` (`prefetch`, `depth`), `prefetch(t, index)` is called
+    on the next `depth` blocks, so that inputs in object storage arrive before they are
+    needed.
 
     Pieces are independent, so a few threads take them in turn (reads and numpy release the
     GIL), each with its own buffers: memory depends on neither the model's size nor the
     number of checkpoints. The first failing piece, in order, is the error raised; a signal
     stops new pieces, waits for every worker, then is raised.
     """
-    workers, elements = piece_layout(max_memory)
+    workers, elements = piece_layout(max_memory, remote)
     jobs = enumerate(
         (t, index)
         for t in tensors
         for index in ([()] if t.name in whole else blocks(t.shape, elements))
     )
+    prefetch, depth = ahead or (None, 0)
+    fetched: deque = deque()  # jobs prefetched, not yet taken
+
+    def take() -> tuple[int, tuple[Tensor, tuple[slice, ...]]] | None:
+        while len(fetched) <= depth and (job := next(jobs, None)) is not None:
+            if prefetch is not None and job[1][0].name not in whole:
+                prefetch(*job[1])
+            fetched.append(job)
+        return fetched.popleft() if fetched else None
+
     lock = threading.Lock()  # guards `jobs` and the progress bar
     stop = threading.Event()  # set on the first error or signal: no new pieces start
     errors: dict[int, BaseException] = {}  # by piece number
@@ -327,7 +353,7 @@ def _each_piece(
                 with lock:
                     if bar is not None:
                         bar.update(done)
-                    job = None if stop.is_set() else next(jobs, None)
+                    job = None if stop.is_set() else take()
                 if job is None:
                     return
                 number, (t, index) = job

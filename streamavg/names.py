@@ -18,6 +18,8 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import NamedTuple
 
+from .remote import absolute, as_path
+
 CHECKPOINT_SUFFIXES = (".keras", ".h5", ".hdf5", ".weights.json", ".safetensors")
 ORDER_FIELDS = ("epoch", "batch")  # the integers ModelCheckpoint formats; the rest are logs
 # Digits joined by dots, with an exponent, or a word nan/inf: numbers as Python writes them.
@@ -127,12 +129,24 @@ def _partitions(runs: list[str]) -> Iterator[list[tuple[str, ...]]]:
 
 
 def common_dir(paths: Iterable[str | os.PathLike]) -> Path:
-    """The deepest directory holding all `paths` (absolute).
+    """The deepest directory holding all `paths` (absolute; a folder in a store for URLs).
 
     >>> common_dir(["run/epoch_1/model.keras", "run/epoch_2/model.keras"]).name
     'run'
     """
-    return Path(os.path.commonpath([os.path.dirname(os.path.abspath(p)) for p in paths]))
+    dirs = [absolute(as_path(p)).parent for p in paths]
+    depth = 0
+    for names in zip(*(d.parts for d in dirs), strict=False):  # the shortest's length
+        if len(set(names)) > 1:
+            break
+        depth += 1
+    first = dirs[0]
+    return first.parents[len(first.parts) - depth - 1] if depth < len(first.parts) else first
+
+
+def below(path: Path, root: Path) -> tuple[str, ...]:
+    """The names of `path` below the directory `root` (see `common_dir`)."""
+    return absolute(path).parts[len(root.parts) :]
 
 
 class Template(NamedTuple):

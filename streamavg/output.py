@@ -3,24 +3,15 @@
 from __future__ import annotations
 
 import os
-import re
 from collections.abc import Collection, Sequence
 from pathlib import Path
 
 from .errors import UsageError, option
 from .formats import ACCEPTED, FOLDERS, SUFFIXES, Reader, is_checkpoint_dir
-from .names import common_dir, without_metrics
+from .names import below, common_dir, without_metrics
+from .remote import as_path, is_url
 
 OUTPUT_DIR = "averaged"  # default outputs go here, out of reach of a later scan of the inputs
-_URL = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")
-
-
-def refuse_url(path: str | os.PathLike) -> None:
-    """Remote storage is not supported yet: a URL is refused rather than taken for a local path."""
-    if _URL.match(os.fspath(path)):
-        raise UsageError(
-            f"{os.fspath(path)}: URLs (remote storage) are not supported yet; use a local path"
-        )
 
 
 def default_output(newest: Reader, scheme: str, files: Sequence[Path]) -> Path:
@@ -32,14 +23,14 @@ def default_output(newest: Reader, scheme: str, files: Sequence[Path]) -> Path:
     left out: it describes the newest checkpoint, not the average.
     """
     root = common_dir(files)
-    below = Path(os.path.abspath(newest.path)).relative_to(root)
-    name = "_".join(below.parts)
+    names = below(newest.path, root)
+    name = "_".join(names)
     stem = name.removesuffix(SUFFIXES[newest.format])
     if newest.format not in FOLDERS:
         stem = stem.removesuffix(newest.path.suffix)
     stem = without_metrics(stem) or stem
     suffix = SUFFIXES[newest.format] if newest.format != "legacy-h5" else newest.path.suffix
-    if len(below.parts) == 1:
+    if len(names) == 1:
         parent = newest.path.parent
     else:  # as the inputs were given: relative paths stay relative
         parent = root if newest.path.is_absolute() else Path(os.path.relpath(root))
@@ -52,15 +43,14 @@ def destination(
     """Where an average of `files` (the newest last) goes: `output`, the default name
     inside `output` if that is a directory (or ends in "/"), or the default output.
 
-    Refuses a URL, and a name Keras would not read as the inputs' format.
+    Refuses a name Keras would not read as the inputs' format.
     """
     if output is None:
         return default_output(newest, scheme, files)
-    refuse_url(output)
-    dest = Path(output)
+    dest = as_path(output)
     folder = newest.format in FOLDERS
     inside = dest.is_dir() and not dest.is_symlink() and not (folder and is_checkpoint_dir(dest))
-    if os.fspath(output).endswith(os.sep) or inside:
+    if str(output).endswith(("/", os.sep)) or inside:
         return dest / default_output(newest, scheme, files).name
     if folder:
         if dest.name.endswith(".keras"):
@@ -88,7 +78,7 @@ def check_output(
     """Refuse an output that is one of the inputs, that exists without `overwrite`, or that
     is not a regular file (a device, FIFO or socket is never replaced); if the output is a
     `folder` checkpoint, an existing one of those may be replaced, but no other folder."""
-    for p in inputs:
+    for p in (p for p in inputs if not is_url(p)):  # a URL output is checked by api.run
         if dest.resolve() == p.resolve() or (dest.exists() and os.path.samefile(dest, p)):
             raise UsageError(f"{dest}: output is one of the inputs")
     if dest.is_symlink():

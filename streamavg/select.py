@@ -19,6 +19,7 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Iterable, Sequence
+from contextlib import nullcontext
 from itertools import pairwise
 from pathlib import Path
 from typing import NamedTuple
@@ -30,13 +31,15 @@ from .names import (
     CHECKPOINT_SUFFIXES,
     Name,
     Template,
+    below,
     common_dir,
     compile_template,
     match_template,
     readings,
     stem,
 )
-from .output import OUTPUT_DIR, refuse_url
+from .output import OUTPUT_DIR
+from .remote import absolute, as_path, errors, is_url
 
 #: What a scan looks for, as messages name it.
 KINDS = "(*.keras, *.h5, *.hdf5, *.weights.json, *.safetensors, or a checkpoint folder)"
@@ -220,28 +223,39 @@ def _gather(
     found: dict[Path, tuple[Path, bool]] = {}
     owners: dict[Path, dict[str, Path]] = {}
     for given in inputs:
-        refuse_url(given)  # before Path() folds its "//"
-        item = Path(given)
-        if is_checkpoint_dir(item):
-            paths, named = [item], True
-        elif item.is_dir():
-            paths, named = _scan(item, pattern, notes), False
-        elif item.exists():
-            require_regular_file(item)  # a FIFO or device would block the first read
-            if item.parent not in owners:  # once a folder, however many files it names
-                owners[item.parent] = parts(item.parent)
-            if item.name in owners[item.parent]:
-                owner = owners[item.parent][item.name]
-                raise StreamavgError(f"{item}: a part of checkpoint {owner}; name that instead")
-            paths, named = [item], True
-        else:
-            raise StreamavgError(f"{item}: no such file or directory")
+        item = as_path(given)  # before Path() could fold a URL's "//"
+        with errors(item) if is_url(item) else nullcontext():
+            paths, named = _take(item, pattern, notes, owners)
         for p in paths:
             first, was_named = found.get(p.resolve(), (p, False))
             found[p.resolve()] = (first, was_named or named)
     if not found:
         raise UsageError("no checkpoints given")
+    if len({is_url(p) for p in found}) > 1:
+        local, url = (next(p for p in found if is_url(p) == r) for r in (False, True))
+        raise UsageError(f"{local} and {url}: average checkpoints from one place, local or remote")
     return dict(found.values())
+
+
+def _take(
+    item: Path, pattern: str | None, notes: list[str], owners: dict[Path, dict[str, Path]]
+) -> tuple[list[Path], bool]:
+    """The checkpoints that input `item` names, and whether it named one itself."""
+    if is_checkpoint_dir(item):
+        paths, named = [item], True
+    elif item.is_dir():
+        paths, named = _scan(item, pattern, notes), False
+    elif item.exists():
+        require_regular_file(item)  # a FIFO or device would block the first read
+        if item.parent not in owners:  # once a folder, however many files it names
+            owners[item.parent] = parts(item.parent)
+        if item.name in owners[item.parent]:
+            owner = owners[item.parent][item.name]
+            raise StreamavgError(f"{item}: a part of checkpoint {owner}; name that instead")
+        paths, named = [item], True
+    else:
+        raise StreamavgError(f"{item}: no such file or directory")
+    return paths, named
 
 
 def _originals(found: dict[Path, bool], notes: list[str]) -> list[Path]:
@@ -301,7 +315,7 @@ def _names(paths: list[Path]) -> dict[Path, Name]:
     root = common_dir(paths)
     options = {}
     for p in paths:
-        *dirs, name = Path(os.path.abspath(p)).relative_to(root).parts
+        *dirs, name = below(p, root)
         numbered = [d for d in dirs if any(r.numbers for r in readings(d))]
         options[p] = readings("/".join([*numbered, stem(name)]))
     clear = {rs[0].shape for rs in options.values() if len(rs) == 1 and rs[0].numbers}
@@ -319,7 +333,7 @@ def _names(paths: list[Path]) -> dict[Path, Name]:
 
 def _by_template(paths: list[Path], form: Template, notes: list[str]) -> list[_Entry]:
     """Entries ordered by the template's (epoch, batch); names it does not match left out."""
-    fields = {p: match_template(form, Path(os.path.abspath(p))) for p in paths}
+    fields = {p: match_template(form, absolute(p)) for p in paths}
     misses = [p for p in paths if fields[p] is None]
     if len(misses) == len(paths):
         raise StreamavgError(

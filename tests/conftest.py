@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import hashlib
+import os
 import shutil
+import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -88,3 +91,52 @@ def killed_while_writing(directory: Path, *args: object) -> tuple[int, Path]:
     proc.kill()
     proc.wait()
     return proc.pid, temp
+
+
+CREDENTIALS = {
+    "AWS_ACCESS_KEY_ID": "testing",
+    "AWS_SECRET_ACCESS_KEY": "testing",
+    "AWS_DEFAULT_REGION": "us-east-1",
+    "AWS_EC2_METADATA_DISABLED": "true",
+}
+
+
+@pytest.fixture(scope="session")
+def endpoint(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A real S3 server (moto's), on the loopback interface for the whole session; its
+    request recorder (see test_remote) writes in a temporary folder."""
+    recording = tmp_path_factory.mktemp("moto") / "recording"
+    os.environ.setdefault("MOTO_RECORDER_FILEPATH", str(recording))
+    from moto.server import ThreadedMotoServer
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    yield f"http://127.0.0.1:{port}"
+    server.stop()
+
+
+@pytest.fixture
+def s3(endpoint: str, monkeypatch: pytest.MonkeyPatch):
+    """An empty bucket `bkt` on the server, and the environment that reaches it."""
+    import s3fs
+
+    for key, value in {**CREDENTIALS, "AWS_ENDPOINT_URL": endpoint}.items():
+        monkeypatch.setenv(key, value)
+    s3fs.S3FileSystem.clear_instance_cache()
+    fs = s3fs.S3FileSystem()
+    if fs.exists("bkt"):
+        fs.rm("bkt", recursive=True)
+    fs.mkdir("bkt")
+    yield fs
+    s3fs.S3FileSystem.clear_instance_cache()
+
+
+def put_tree(fs, local: Path, key: str) -> str:
+    """Upload every file under folder `local` to `key/` in the store; its URL."""
+    for f in sorted(local.rglob("*")):
+        if f.is_file():
+            fs.put_file(str(f), f"{key}/{f.relative_to(local).as_posix()}")
+    return f"s3://{key}"

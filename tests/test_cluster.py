@@ -10,6 +10,7 @@ import time
 import h5py
 import numpy as np
 import pytest
+from conftest import CREDENTIALS, put_tree
 from distributed import Client, LocalCluster, get_task_stream
 from safetensors.numpy import save_file
 
@@ -147,3 +148,19 @@ def test_a_worker_killed_mid_run_is_replaced_and_the_bytes_are_unchanged(
     assert result["out"].output.read_bytes() == local.output.read_bytes()
     client.wait_for_workers(2)
     assert victim not in client.scheduler_info()["workers"]  # a new worker took its place
+
+
+def test_workers_read_inputs_in_s3_themselves(checkpoints, tmp_path, client, s3, monkeypatch):
+    """Inputs and output in S3 (moto's server on loopback): the workers read the objects by
+    byte ranges with their own credentials, and the output's bytes are a local run's."""
+    url = put_tree(s3, checkpoints / "k3-keras", "bkt/run")
+    env = {k: os.environ[k] for k in (*CREDENTIALS, "AWS_ENDPOINT_URL")}
+    client.run(lambda: os.environ.update(env))  # each worker's own credentials
+    monkeypatch.setattr(cluster, "TASK_BYTES", 1)
+    local = streamavg.average(
+        [checkpoints / "k3-keras"], scheme="linear", output=tmp_path / "a.keras"
+    )
+    with get_task_stream(client) as tasks:
+        streamavg.average([url], scheme="linear", output="s3://bkt/out/avg.keras", client=client)
+    assert s3.cat("bkt/out/avg.keras") == local.output.read_bytes()
+    assert {t["worker"] for t in tasks.data} == set(client.scheduler_info()["workers"])

@@ -4,46 +4,26 @@
 
 from __future__ import annotations
 
-import socket
+import json
+import shutil
+import tempfile
+import urllib.parse
+import urllib.request
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+from pathlib import Path
 
+import ml_dtypes
+import numpy as np
 import pytest
 import s3fs
-from moto.server import ThreadedMotoServer
+from conftest import put_tree
 
 import streamavg
 from streamavg.cli import main
-
-CREDENTIALS = {
-    "AWS_ACCESS_KEY_ID": "testing",
-    "AWS_SECRET_ACCESS_KEY": "testing",
-    "AWS_DEFAULT_REGION": "us-east-1",
-    "AWS_EC2_METADATA_DISABLED": "true",
-}
-
-
-@pytest.fixture(scope="module")
-def endpoint():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
-    server.start()
-    yield f"http://127.0.0.1:{port}"
-    server.stop()
-
-
-@pytest.fixture
-def s3(endpoint, monkeypatch):
-    """An empty bucket `bkt` on the server, and the environment that reaches it."""
-    for key, value in {**CREDENTIALS, "AWS_ENDPOINT_URL": endpoint}.items():
-        monkeypatch.setenv(key, value)
-    s3fs.S3FileSystem.clear_instance_cache()
-    fs = s3fs.S3FileSystem()
-    if fs.exists("bkt"):
-        fs.rm("bkt", recursive=True)
-    fs.mkdir("bkt")
-    yield fs
-    s3fs.S3FileSystem.clear_instance_cache()
+from streamavg.engine import fold, open_all, to_average
+from streamavg.errors import StreamavgError
+from streamavg.select import select_checkpoints
 
 
 @pytest.mark.parametrize(
@@ -109,3 +89,268 @@ def test_a_post_hoc_ema_goes_to_s3_too(tmp_path, s3):
     local = streamavg.phema(tmp_path, 0.07, output=tmp_path / "out" / "ema.weights.h5")
     assert main(["phema", str(tmp_path), "--sigma-rel", "0.07", "-o", "s3://bkt/emas/", "-q"]) == 0
     assert s3.cat("bkt/emas/ema-0.07-000000032.weights.h5") == local.output.read_bytes()
+
+
+# Inputs in the store: read by byte ranges, the same bytes as a local run.
+
+
+def recorded(endpoint: str) -> list[dict]:
+    """The requests moto's server recorded since `record` (its own recorder, server side)."""
+    with urllib.request.urlopen(f"{endpoint}/moto-api/recorder/download-recording") as r:
+        return [json.loads(line) for line in r.read().decode().splitlines() if line]
+
+
+def record(endpoint: str) -> None:
+    for action in ("reset-recording", "start-recording"):
+        urllib.request.urlopen(
+            urllib.request.Request(f"{endpoint}/moto-api/recorder/{action}", method="POST")
+        )
+
+
+def gets(endpoint: str, prefix: str) -> list[tuple[str, str | None]]:
+    """(key, Range header) of every GET of an object under `prefix` since `record`."""
+    found = []
+    for r in recorded(endpoint):
+        path = urllib.parse.urlsplit(r["url"]).path
+        if r["method"] == "GET" and path.startswith(f"/bkt/{prefix}/"):
+            found.append((path, r["headers"].get("Range")))
+    return found
+
+
+@pytest.fixture(scope="module")
+def containers(tmp_path_factory) -> Path:
+    """Keras sharded weights and unzipped `.keras` folders (one run, three epochs), and
+    safetensors files and sharded folders, each kind in its own folder."""
+    from safetensors.numpy import save_file
+    from training import FIT, X, Y, make_model
+
+    root = tmp_path_factory.mktemp("containers")
+    model = make_model(batchnorm=True)
+    (root / "keras-sharded").mkdir()
+    for e in range(1, 4):
+        model.fit(X, Y, epochs=1, **FIT)
+        model.save_weights(
+            root / "keras-sharded" / f"epoch_{e}.weights.json", max_shard_size=1.4e-7
+        )
+        model.save(str(root / "keras-dir" / f"epoch_{e}"), zipped=False)
+    rng = np.random.default_rng(0)
+    for step in (100, 200, 300):
+        arrays = {
+            "w": rng.standard_normal((64, 96)).astype(np.float32),
+            "b": rng.standard_normal(96).astype(ml_dtypes.bfloat16),
+        }
+        (root / "safetensors").mkdir(exist_ok=True)
+        save_file(arrays, root / "safetensors" / f"step_{step}.safetensors")
+        folder = root / "safetensors-dir" / f"checkpoint-{step}"
+        folder.mkdir(parents=True)
+        save_file({"w": arrays["w"]}, folder / "model-00001-of-00002.safetensors")
+        save_file({"b": arrays["b"]}, folder / "model-00002-of-00002.safetensors")
+        index = {
+            "metadata": {},
+            "weight_map": {
+                "w": "model-00001-of-00002.safetensors",
+                "b": "model-00002-of-00002.safetensors",
+            },
+        }
+        (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+    return root
+
+
+def tree(path: Path) -> dict[str, bytes]:
+    """Every file of an output (a file, a folder, or a manifest with its shards) by name."""
+    if path.is_dir():
+        return {
+            str(f.relative_to(path)): f.read_bytes() for f in sorted(path.rglob("*")) if f.is_file()
+        }
+    return {f.name: f.read_bytes() for f in sorted(path.parent.iterdir())}
+
+
+KERAS_CASES = ["k3-keras", "k3-keras-bf16", "k3-weights", "k3-h5", "k2-h5", "k2-weights"]
+OTHER_CASES = ["keras-sharded", "keras-dir", "safetensors", "safetensors-dir"]
+
+
+@pytest.mark.parametrize("case", KERAS_CASES + OTHER_CASES)
+def test_inputs_in_s3_average_to_the_bytes_of_a_local_run(
+    checkpoints, containers, tmp_path, s3, endpoint, case
+):
+    local = (checkpoints if case in KERAS_CASES else containers) / case
+    url = put_tree(s3, local, "bkt/run")
+    for folder in ("local", "remote"):
+        (tmp_path / folder).mkdir()
+    want = streamavg.average([local], scheme="linear", output=tmp_path / "local")
+    record(endpoint)
+    got = streamavg.average([url], scheme="linear", output=tmp_path / "remote")
+    assert [str(f) for f in got.files] == [
+        f"{url}/{f.relative_to(local).as_posix()}" for f in want.files
+    ]
+    assert got.output.name == want.output.name
+    assert tree(got.output) == tree(want.output)
+    weights = [
+        r for key, r in gets(endpoint, "run") if key.endswith((".h5", ".keras", ".safetensors"))
+    ]
+    assert weights and None not in weights  # byte ranges, never a whole file (JSON is read whole)
+
+
+def test_a_big_checkpoint_is_read_once_by_ranges_not_downloaded(tmp_path, s3, endpoint):
+    """Three .keras files of 4 MiB of weights: every byte fetched about once, by ranges."""
+    import keras
+
+    model = keras.Sequential([keras.Input((1024,)), keras.layers.Dense(1024, name="big")])
+    rng = np.random.default_rng(1)
+    (tmp_path / "run").mkdir()
+    for e in range(1, 4):
+        model.set_weights(
+            [rng.standard_normal(w.shape).astype("float32") for w in model.get_weights()]
+        )
+        model.save(tmp_path / "run" / f"model_{e}.keras")
+    url = put_tree(s3, tmp_path / "run", "bkt/big")
+    record(endpoint)
+    got = streamavg.average([url], scheme="exp", output=tmp_path / "avg.keras")
+    want = streamavg.average([tmp_path / "run"], scheme="exp", output=tmp_path / "local.keras")
+    assert got.output.read_bytes() == want.output.read_bytes()
+    ranges = [r for _, r in gets(endpoint, "big")]
+    assert None not in ranges
+    fetched = sum(
+        int(b) - int(a) + 1 for a, b in (r.removeprefix("bytes=").split("-") for r in ranges)
+    )
+    stored = sum(f.stat().st_size for f in (tmp_path / "run").iterdir())
+    assert stored <= fetched < 1.1 * stored
+
+
+def test_selection_in_a_bucket_is_the_local_selection(checkpoints, tmp_path, s3, capsys):
+    """An earlier output in averaged/, best.keras beside the epochs, a name without a number:
+    left out, with the same notes; --last and --epochs choose as they do locally."""
+    local = tmp_path / "run"
+    shutil.copytree(checkpoints / "k3-keras", local)
+    shutil.copy(local / "model_5.keras", local / "best.keras")
+    assert main([str(local), "-q"]) == 0  # local/averaged/model_5.avg-equal-n5.keras
+    shutil.copy(
+        local / "averaged" / "model_5.avg-equal-n5.keras", local / "model_5.avg-equal-n5.keras"
+    )
+    url = put_tree(s3, local, "bkt/run")
+    for options in ({}, {"last": 2}, {"epochs": "2:3"}, {"pattern": "model_[34].keras"}):
+        here = select_checkpoints([local], **options)
+        there = select_checkpoints([url], **options)
+        assert [str(p) for p in there.paths] == [
+            str(p).replace(str(local), url) for p in here.paths
+        ]
+        assert there.notes == tuple(n.replace(str(local), url) for n in here.notes)
+    assert select_checkpoints([url]).notes == (
+        f"left out {url}/model_5.avg-equal-n5.keras: an earlier streamavg output",
+        f"left out {url}/best.keras: no epoch number in the name, unlike the other checkpoints",
+    )
+
+
+def test_the_default_output_goes_beside_inputs_in_the_store(checkpoints, s3, capsys):
+    url = put_tree(s3, checkpoints / "k3-weights", "bkt/run")
+    assert main([url, "-q"]) == 0
+    assert s3.ls("bkt/run/averaged") == ["bkt/run/averaged/model_5.avg-equal-n5.weights.h5"]
+    assert main([url, "-q"]) == 2  # the output is left out of the scan, and not replaced
+    assert capsys.readouterr().err == (
+        f"streamavg: error: {url}/averaged/model_5.avg-equal-n5.weights.h5: already exists "
+        "(pass --overwrite to replace it)\n"
+    )
+
+
+def test_an_object_rewritten_during_the_run_is_refused(checkpoints, s3, tmp_path):
+    url = put_tree(s3, checkpoints / "k3-keras", "bkt/run")
+    files = streamavg.plan([url]).files
+    with ExitStack() as stack:
+        opened = open_all(files, stack)
+        s3.pipe("bkt/run/model_2.keras", (checkpoints / "k3-keras" / "model_3.keras").read_bytes())
+        with pytest.raises(StreamavgError) as e:
+            fold(opened, np.full(5, 0.2), to_average(opened), lambda *a: None)
+    assert (
+        str(e.value)
+        == f"{url}/model_2.keras: changed while being averaged (rewritten in the store)"
+    )
+
+
+@pytest.mark.parametrize(
+    "given, message",
+    [
+        ("s3://bkt/nothing", "s3://bkt/nothing: no such file or directory"),
+        ("s3://bkt/run/model_9.keras", "s3://bkt/run/model_9.keras: no such file or directory"),
+        ("https://example.com/run", "https://example.com/run: HTTP cannot list folders; use object storage (s3://, gs://, ...)"),
+    ],
+)  # fmt: skip
+def test_missing_inputs_are_refused_in_one_line(checkpoints, s3, capsys, given, message):
+    put_tree(s3, checkpoints / "k3-keras", "bkt/run")
+    assert main([given, "-q"]) in (1, 2)
+    assert capsys.readouterr().err == f"streamavg: error: {message}\n"
+
+
+def test_local_and_remote_inputs_together_are_refused(checkpoints, s3, capsys):
+    url = put_tree(s3, checkpoints / "k3-keras", "bkt/run")
+    assert main([str(checkpoints / "k2-h5"), url, "-q"]) == 2
+    assert capsys.readouterr().err == (
+        f"streamavg: error: {checkpoints / 'k2-h5' / 'model_01.h5'} and {url}/model_1.keras: "
+        "average checkpoints from one place, local or remote\n"
+    )
+
+
+@contextmanager
+def allowed(endpoint: str, monkeypatch: pytest.MonkeyPatch, *actions: str) -> Iterator[None]:
+    """Credentials that may list and read `bkt` but not write to it: an IAM user of the
+    server, with its policy enforced (moto's auth switched on for this test)."""
+    import boto3
+
+    iam = boto3.client("iam")
+    policy = {
+        "Version": "2012-10-17",
+        "Statement": [
+            {
+                "Effect": "Allow",
+                "Action": list(actions),
+                "Resource": ["arn:aws:s3:::bkt", "arn:aws:s3:::bkt/*"],
+            }
+        ],
+    }
+    iam.create_user(UserName="reader")
+    iam.put_user_policy(UserName="reader", PolicyName="read", PolicyDocument=json.dumps(policy))
+    key = iam.create_access_key(UserName="reader")["AccessKey"]
+
+    def auth(count: str) -> None:
+        request = urllib.request.Request(
+            f"{endpoint}/moto-api/reset-auth",
+            count.encode(),
+            {"Content-Type": "text/plain"},  # a form's body would be parsed away
+            method="POST",
+        )
+        urllib.request.urlopen(request)
+
+    with monkeypatch.context() as env:
+        env.setenv("AWS_ACCESS_KEY_ID", key["AccessKeyId"])
+        env.setenv("AWS_SECRET_ACCESS_KEY", key["SecretAccessKey"])
+        s3fs.S3FileSystem.clear_instance_cache()
+        auth("0")
+        try:
+            yield
+        finally:
+            auth("inf")
+    s3fs.S3FileSystem.clear_instance_cache()
+    boto3.client("iam").delete_access_key(UserName="reader", AccessKeyId=key["AccessKeyId"])
+    iam.delete_user_policy(UserName="reader", PolicyName="read")
+    iam.delete_user(UserName="reader")
+
+
+def test_a_failing_upload_leaves_nothing_behind(
+    checkpoints, tmp_path, s3, endpoint, monkeypatch, capsys
+):
+    url = put_tree(s3, checkpoints / "k3-keras", "bkt/run")
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # where the local copy is written
+    with allowed(endpoint, monkeypatch, "s3:GetObject", "s3:ListBucket"):
+        assert main([url, "-o", "s3://bkt/out/avg.keras", "-q"]) == 1
+    assert capsys.readouterr().err == "streamavg: error: s3://bkt/out/avg.keras: access denied\n"
+    assert list(tmp_path.iterdir()) == []  # the local copy is gone too
+    assert sorted(s3.find("bkt")) == [f"bkt/run/model_{e}.keras" for e in range(1, 6)]
+
+
+def test_inputs_that_may_not_be_read_are_refused_in_one_line(
+    checkpoints, tmp_path, s3, endpoint, monkeypatch, capsys
+):
+    url = put_tree(s3, checkpoints / "k3-keras", "bkt/run")
+    with allowed(endpoint, monkeypatch, "s3:ListBucket"):
+        assert main([url, "-o", str(tmp_path / "avg.keras"), "-q"]) == 1
+    assert capsys.readouterr().err == f"streamavg: error: {url}/model_5.keras: access denied\n"
+    assert list(tmp_path.iterdir()) == []

@@ -311,12 +311,11 @@ def test_hard_links_are_checkpoints_of_their_own(tmp_path):
     error(StreamavgError, message, [tmp_path])
 
 
-def test_urls_fifos_and_devices_are_refused_at_once(tmp_path):
-    error(
-        UsageError,
-        "s3://bucket/ckpts: URLs (remote storage) are not supported yet; use a local path",
-        ["s3://bucket/ckpts"],
+def test_http_fifos_and_devices_are_refused_at_once(tmp_path):
+    message = (
+        "https://x.org/ckpts: HTTP cannot list folders; use object storage (s3://, gs://, ...)"
     )
+    error(UsageError, message, ["https://x.org/ckpts"])
     os.mkfifo(tmp_path / "model_1.keras")  # opening it for reading would wait for a writer
     error(
         StreamavgError,

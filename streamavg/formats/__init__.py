@@ -20,12 +20,14 @@ which a scan must not take alone.
 from __future__ import annotations
 
 import os
+from contextlib import closing
 from pathlib import Path
 from types import ModuleType
 
 from ..errors import StreamavgError
+from ..remote import as_path, is_url
 from . import hdf5, keras_dir, keras_sharded, keras_zip, orbax, safetensors
-from .base import PROVENANCE_KEY, Reader, Tensor, require_regular_file, stat_of
+from .base import PROVENANCE_KEY, Reader, Tensor, open_file, require_regular_file, stat_of
 
 __all__ = [
     "ACCEPTED",
@@ -51,12 +53,12 @@ FOLDERS = tuple(f for f, s in SUFFIXES.items() if not s)  # checkpoints that are
 def _adapter(path: Path) -> ModuleType:
     """The module that reads `path`: a folder by what it holds, a file by name or content."""
     stat_of(path)  # refuses a missing path
-    head, folder = b"", os.path.isdir(path)
+    head, folder = b"", path.is_dir()
     if not folder:
         require_regular_file(path)
         try:
-            with open(path, "rb") as f:
-                head = f.read(16)
+            with closing(open_file(path)) as f:
+                head = f.read(0, 16)
         except OSError as e:
             raise StreamavgError(f"{path}: cannot read ({e.strerror})") from None
     found = next((a for a in ADAPTERS if a.claims(path, head)), None)
@@ -76,8 +78,13 @@ def open_checkpoint(
     `like` is an open checkpoint of the same run: an adapter may share its listing with
     `path` when it can prove them built alike, which is much faster than listing again.
     """
-    path = Path(path)
+    path = as_path(path)
     adapter = _adapter(path)
+    if is_url(path) and adapter is orbax:
+        raise StreamavgError(
+            f"{path}: Orbax checkpoints are read from local disk only (tensorstore reads "
+            "them); copy the step folder here first"
+        )
     if like is not None and like.format in adapter.SUFFIXES:
         return adapter.open_checkpoint(path, optimizer=optimizer, like=like)
     return adapter.open_checkpoint(path, optimizer=optimizer)
@@ -86,7 +93,7 @@ def open_checkpoint(
 def averaged_by_streamavg(path: str | os.PathLike) -> bool:
     """Whether `path` is an earlier streamavg output (it carries our provenance). A file
     that cannot be read says no here, and is refused with its reason when opened."""
-    path = Path(path)
+    path = as_path(path)
     try:
         adapter = _adapter(path)
     except StreamavgError:

@@ -6,8 +6,9 @@ from __future__ import annotations
 import math
 import os
 import posixpath
+import shutil
 import stat
-from collections.abc import Callable, Collection, Iterator
+from collections.abc import Callable, Collection, Iterable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 from typing import NamedTuple
@@ -16,6 +17,8 @@ import numpy as np
 
 from ..errors import StreamavgError
 from ..publish import atomic_dir, atomic_output
+from ..remote import RemoteFile, as_path, errors, is_url
+from ..window import Window
 
 PROVENANCE_KEY = "streamavg"  # where every output records how it was made
 
@@ -61,6 +64,10 @@ class Reader:
         """Read block `index` of tensor `name` (`()`: all of it) into `out`, in the stored
         dtype; failures name the file and the tensor. Blocks come from `blocks.blocks`."""
         raise NotImplementedError
+
+    def prefetch(self, name: str, index: tuple[slice, ...]) -> None:
+        """Start fetching block `index` of tensor `name`, which `read` will ask for soon
+        (a checkpoint in object storage); reads from a disk need no such hint."""
 
     def read_whole(self, name: str) -> np.ndarray:
         """All of tensor `name`, in its logical dtype."""
@@ -138,7 +145,7 @@ class Reader:
 def require_regular_file(path: str | os.PathLike) -> None:
     """Refuse what is not a regular file before opening it: a FIFO or a device would
     block the read or never end, and a directory is not one checkpoint."""
-    path = Path(path)
+    path = as_path(path)
     st = stat_of(path)
     if stat.S_ISDIR(st.st_mode):
         raise StreamavgError(f"{path}: is a directory, not a file")
@@ -147,6 +154,9 @@ def require_regular_file(path: str | os.PathLike) -> None:
 
 
 def stat_of(path: Path) -> os.stat_result:
+    if is_url(path):
+        with errors(path):
+            return path.stat()
     try:
         return path.stat()
     except FileNotFoundError:
@@ -155,22 +165,89 @@ def stat_of(path: Path) -> os.stat_result:
         raise StreamavgError(f"{path}: cannot read ({e.strerror})") from None
 
 
-def pread_into(
-    fd: int | None, path: Path, known: tuple[int, ...], offset: int, out: np.ndarray
-) -> None:
-    """Fill `out` from byte `offset` of the open file `fd`, or, where the file was let go
-    of (`fd` None), of `path` opened again and checked to be the file `known` (see
-    `identity`); a short read is an OSError."""
-    own = os.open(path, os.O_RDONLY) if fd is None else None
-    try:
-        if own is not None:
-            check_same(path, known, os.fstat(own))
-        got = os.preadv(fd if own is None else own, [out.reshape(-1).view(np.uint8)], offset)
-    finally:
-        if own is not None:
-            os.close(own)
-    if got != out.nbytes:
-        raise OSError("unexpected end of file")
+class LocalFile:
+    """A file on disk opened for reads at offsets (`os.preadv`, without the GIL), checked
+    to be unchanged by its identity; once `release`d, each read opens it again by path
+    and checks that it is still the same file. `remote.RemoteFile` answers the same calls.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        st = stat_of(path)
+        self.size, self._identity = st.st_size, identity(st)
+        try:
+            self._fd: int | None = os.open(path, os.O_RDONLY)
+        except OSError as e:
+            raise StreamavgError(f"{path}: cannot read ({e.strerror})") from None
+
+    def read_into(self, offset: int, out: np.ndarray) -> None:
+        """Fill `out` from byte `offset`; a short read is an OSError."""
+        with self._open() as fd:
+            got = os.preadv(fd, [out.reshape(-1).view(np.uint8)], offset)
+        if got != out.nbytes:
+            raise OSError("unexpected end of file")
+
+    def read(self, offset: int, size: int) -> bytes:
+        with self._open() as fd:
+            return os.pread(fd, size, offset)
+
+    def prefetch(self, offset: int, size: int) -> None:
+        """Nothing to do: the page cache and the disk read ahead."""
+
+    def skip(self, ranges: Iterable[tuple[int, int]]) -> None:
+        """Nothing to do: a library's copy of the data reads it from the page cache."""
+
+    def handle(self) -> str:
+        """What a library opens (h5py, zipfile): the path, for its own, fastest, I/O."""
+        return os.fspath(self.path)
+
+    def window(self, start: int, size: int) -> Window:
+        """Bytes [start, start+size) as a file object (a `.keras` archive's member)."""
+        return Window(self._readinto, start, size)
+
+    def _readinto(self, offset: int, buf: memoryview) -> int:
+        with self._open() as fd:
+            return os.preadv(fd, [buf], offset)
+
+    @contextmanager
+    def _open(self) -> Iterator[int]:
+        if self._fd is not None:
+            yield self._fd
+            return
+        fd = os.open(self.path, os.O_RDONLY)
+        try:
+            check_same(self.path, self._identity, os.fstat(fd))
+            yield fd
+        finally:
+            os.close(fd)
+
+    def release(self) -> None:
+        """Close the file between reads (more checkpoints than open files allow)."""
+        self.close()
+
+    def check_unchanged(self) -> None:
+        check_same(self.path, self._identity)
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+
+def copy_out(source: Path, dest: Path) -> None:
+    """Copy file or folder `source` (on disk or in a store) to `dest` on disk."""
+    if is_url(source):
+        with errors(source):
+            source.fs.get(source.path, os.fspath(dest), recursive=source.is_dir())
+    else:
+        (shutil.copytree if source.is_dir() else shutil.copyfile)(source, dest)
+
+
+def open_file(path: str | os.PathLike) -> LocalFile:
+    """`path` opened for reads at offsets: a `LocalFile`, or a `remote.RemoteFile` for an
+    object in a store (which has the same methods)."""
+    path = as_path(path)
+    return RemoteFile(path) if is_url(path) else LocalFile(path)
 
 
 def identity(st: os.stat_result) -> tuple[int, ...]:

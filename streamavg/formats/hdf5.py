@@ -18,25 +18,24 @@ import math
 import os
 import struct
 from collections.abc import Collection, Iterator
-from contextlib import AbstractContextManager, contextmanager, suppress
+from contextlib import AbstractContextManager, ExitStack, closing, contextmanager, suppress
 from pathlib import Path
 from typing import BinaryIO, NamedTuple
 
 import h5py
 import numpy as np
 
-from ..blocks import flat_start
+from ..blocks import block_shape, flat_start
 from ..errors import StreamavgError, reason, system_errno
 from ..publish import OffsetWriter
+from ..remote import as_path
 from .base import (
     PROVENANCE_KEY,
+    LocalFile,
     Reader,
     Tensor,
     Write,
-    check_same,
-    identity,
-    pread_into,
-    stat_of,
+    open_file,
 )
 
 SUFFIXES = {
@@ -94,9 +93,12 @@ def averaged(source: Path | BinaryIO) -> bool:
     attribute's presence is checked, nothing is decoded. A file that cannot be read says
     no here, and is refused with its reason when opened."""
     try:
-        with h5py.File(source, "r") as h5:
-            return PROVENANCE_KEY in h5.attrs
-    except HDF5_ERRORS:
+        with ExitStack() as stack:
+            if not hasattr(source, "read"):  # a path
+                source = stack.enter_context(closing(open_file(source))).handle()
+            with h5py.File(source, "r") as h5:
+                return PROVENANCE_KEY in h5.attrs
+    except (*HDF5_ERRORS, StreamavgError):
         return False
 
 
@@ -136,24 +138,20 @@ class Checkpoint(Reader):
         path: str | os.PathLike,
         *,
         optimizer: bool = False,
-        image: tuple[BinaryIO, int | None, int, int] | None = None,
+        image: tuple[BinaryIO, LocalFile, int | None, int] | None = None,
         file: Path | None = None,
         format: str | None = None,
         like: Checkpoint | None = None,
     ) -> None:
-        self.path = Path(path)
-        self._file = file or self.path  # the HDF5 file, inside folder `path` for keras_dir
-        st = stat_of(self._file)
-        self._identity = identity(st)
+        self.path = as_path(path)
         self._member: BinaryIO | None = None
-        self._fd: int | None = None  # where fast reads go, with the HDF5 image at _base
-        self._base = 0
+        # The file, and where the HDF5 image starts in it (None: not in place, compressed).
+        self._base: int | None = 0
         if image is not None:
-            self._member, self._fd, self._base, self.size = image
-        else:
-            self.size = st.st_size
-        if image is None:
-            self._fd = os.open(self._file, os.O_RDONLY)
+            self._member, self._source, self._base, self.size = image
+        else:  # the HDF5 file, inside folder `path` for keras_dir
+            self._source = open_file(file or self.path)
+            self.size = self._source.size
         self.tensors: dict[str, Tensor] = {}
         self._stored: dict[str, str] = {}  # names in this file, where `rename` changed them
         self._datasets: dict[str, h5py.h5d.DatasetID] = {}
@@ -164,7 +162,7 @@ class Checkpoint(Reader):
         if like is not None and self._adopt(like):
             return
         try:
-            self.h5 = h5py.File(self._member or self._file, "r")
+            self.h5 = h5py.File(self._member or self._source.handle(), "r")
         except OSError as e:
             self.close()
             if "unable to lock file" in str(e) and system_errno(e) == errno.EWOULDBLOCK:
@@ -195,6 +193,9 @@ class Checkpoint(Reader):
             return False
         if like._metadata is None:
             return False
+        if self._base is not None:  # all at once, from a store
+            for (start, end), _ in like._metadata:
+                self._source.prefetch(self._base + start, end - start)
         try:
             for (start, end), data in like._metadata:
                 if self._image(start, end - start) != data:
@@ -239,7 +240,7 @@ class Checkpoint(Reader):
         offset = dsid.get_offset()
         if offset is None or offset + tensor.nbytes > self.size:
             raise StreamavgError(f"{self.path}: {name}: data is missing (truncated file?)")
-        if self._fd is not None and stored.isnative:
+        if self._base is not None and stored.isnative:
             self._offsets[name] = self._base + offset
 
     def _check_chunks(self, t: Tensor, dsid: h5py.h5d.DatasetID) -> None:
@@ -373,6 +374,9 @@ class Checkpoint(Reader):
             k = bisect.bisect_right(starts, at) - 1
             if k >= 0 and at < extents[k][1]:
                 return None
+        if self._base is not None:  # all at once, from a store
+            for start, end in self._gaps:
+                self._source.prefetch(self._base + start, end - start)
         return [((start, end), self._image(start, end - start)) for start, end in self._gaps]
 
     def _check_heap(self, at: int, limit: int) -> None:
@@ -391,8 +395,8 @@ class Checkpoint(Reader):
 
     def _image(self, offset: int, size: int) -> bytes:
         """`size` bytes of the HDF5 image from `offset`: the file, or the .keras member."""
-        if self._fd is not None:
-            return os.pread(self._fd, size, self._base + offset)
+        if self._base is not None:
+            return self._source.read(self._base + offset, size)
         self._member.seek(offset)
         return self._member.read(size)
 
@@ -407,11 +411,23 @@ class Checkpoint(Reader):
                 h5py.Dataset(self._datasets[name]).read_direct(out, source_sel=index or None)
                 return
             offset += flat_start(self.tensors[name].shape, index) * out.itemsize
-            pread_into(self._fd, self._file, self._identity, offset, out)
+            self._source.read_into(offset, out)
         except (OSError, RuntimeError, TypeError) as e:
             raise StreamavgError(
                 f"{self.path}: {self.stored_name(name)}: unreadable ({reason(e)})"
             ) from None
+
+    def prefetch(self, name: str, index: tuple[slice, ...]) -> None:
+        offset, t = self._offsets.get(name), self.tensors[name]
+        size = math.prod(block_shape(t.shape, index)) * t.stored.itemsize
+        if offset is not None and size:
+            self._source.prefetch(offset + flat_start(t.shape, index) * t.stored.itemsize, size)
+
+    def skip_data(self, names: Collection[str]) -> None:
+        """Let HDF5's copy of this file read the data of tensors `names` as zeros, where
+        that saves fetching it (an object in a store): the copy's is written over."""
+        extents = ((self._offsets[n], self.tensors[n].nbytes) for n in names if n in self._offsets)
+        self._source.skip((at, at + size) for at, size in extents)
 
     @property
     def _direct(self) -> bool:
@@ -432,11 +448,12 @@ class Checkpoint(Reader):
                 f"{self.path}: too many checkpoints for the open-file limit, and this one is "
                 "stored chunked or compressed, so it must stay open (raise `ulimit -n`)"
             )
-        self.close()
-        self._fd = None
+        self._close_h5()
+        self._close_member()
+        self._source.release()
 
     def check_unchanged(self) -> None:
-        check_same(self._file, self._identity)
+        self._source.check_unchanged()
 
     @property
     def provenance(self) -> dict | None:
@@ -462,9 +479,8 @@ class Checkpoint(Reader):
 
     def close(self) -> None:
         self._close_h5()
-        if self._fd is not None and self._member is None:
-            os.close(self._fd)
         self._close_member()
+        self._source.close()
 
 
 def _text(value: object) -> str:
@@ -544,6 +560,7 @@ def h5_like(
     try:
         try:
             template.check_heaps()  # before any of its attributes is decoded
+            template.skip_data(fresh)
             replicate()
         except HDF5_ERRORS as e:
             if system_errno(e):

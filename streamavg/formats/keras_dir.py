@@ -8,13 +8,13 @@ input's, its other files copied, published with one rename of the whole folder.
 from __future__ import annotations
 
 import os
-import shutil
 from collections.abc import Collection, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from ..remote import as_path
 from . import hdf5
-from .base import Write
+from .base import Write, copy_out
 
 SUFFIXES = {"keras-dir": ""}  # a folder, under any name but *.keras
 ACCEPTED: dict[str, tuple[str, ...]] = {}
@@ -33,7 +33,7 @@ class Folder(hdf5.Checkpoint):
     def __init__(
         self, path: str | os.PathLike, *, optimizer: bool = False, like: Folder | None = None
     ) -> None:
-        path = Path(path)
+        path = as_path(path)
         file = path / WEIGHTS
         super().__init__(path, optimizer=optimizer, file=file, format="keras-dir", like=like)
 
@@ -45,8 +45,7 @@ class Folder(hdf5.Checkpoint):
     ) -> Iterator[Write]:
         for entry in sorted(self.path.iterdir()):  # config.json, metadata.json, assets/
             if entry.name != WEIGHTS:
-                copy = shutil.copytree if entry.is_dir() else shutil.copyfile
-                copy(entry, tmp / entry.name)
+                copy_out(entry, tmp / entry.name)
         with hdf5.h5_like(
             self, tmp / WEIGHTS, fresh, optimizer=optimizer, provenance=provenance
         ) as write:

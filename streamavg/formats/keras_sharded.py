@@ -24,6 +24,7 @@ import numpy as np
 
 from .. import publish
 from ..errors import WRITE_ERRORS, StreamavgError, UsageError
+from ..remote import as_path
 from . import hdf5
 from .base import PROVENANCE_KEY, Reader, Write, check_same, identity, require_regular_file
 
@@ -135,7 +136,7 @@ class Sharded(Reader):
     def __init__(
         self, path: str | os.PathLike, *, optimizer: bool = False, like: Sharded | None = None
     ) -> None:
-        self.path = Path(path)
+        self.path = as_path(path)
         self._manifest, st = _load(self.path)
         self._identity = identity(st)
         self._listed = _listed(self.path, self._manifest["weight_map"])
@@ -189,6 +190,9 @@ class Sharded(Reader):
 
     def read(self, name: str, index: tuple[slice, ...], out: np.ndarray) -> None:
         self._owner[name].read(name, index, out)
+
+    def prefetch(self, name: str, index: tuple[slice, ...]) -> None:
+        self._owner[name].prefetch(name, index)
 
     def settle(self, release: bool) -> None:
         for shard in self.shards:

@@ -18,19 +18,19 @@ The member's CRC-32 is put together from the CRCs of the pieces as they were wri
 from __future__ import annotations
 
 import functools
-import io
 import os
 import struct
 import zipfile
 import zlib
 from collections.abc import Collection, Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import closing, contextmanager
 from pathlib import Path
 from typing import BinaryIO
 
 from ..errors import StreamavgError
+from ..remote import as_path
 from . import hdf5
-from .base import Write
+from .base import LocalFile, Window, Write, open_file
 
 SUFFIXES = {"keras": ".keras"}  # Keras 3 zip: config.json, metadata.json, model.weights.h5
 ACCEPTED = {"keras": (".keras",)}
@@ -51,9 +51,15 @@ class Archive(hdf5.Checkpoint):
     def __init__(
         self, path: str | os.PathLike, *, optimizer: bool = False, like: Archive | None = None
     ) -> None:
-        member, size = _open_member(Path(path))
-        fd, start = (member.fileno(), member.start) if isinstance(member, _Window) else (None, 0)
-        image = (member, fd, start, size)
+        path = as_path(path)
+        source = open_file(path)
+        try:
+            member, size = _open_member(path, source)
+        except BaseException:
+            source.close()
+            raise
+        start = member.start if isinstance(member, Window) else None
+        image = (member, source, start, size)
         super().__init__(path, optimizer=optimizer, image=image, format="keras", like=like)
 
     @contextmanager
@@ -71,7 +77,7 @@ class Archive(hdf5.Checkpoint):
             checksums=checksums,
         ) as write:
             yield write
-        finish(self.path, tmp, checksums)
+        finish(self.path, tmp, checksums, self._source.handle())
 
 
 def claims(path: Path, head: bytes) -> bool:
@@ -85,53 +91,16 @@ def open_checkpoint(path: Path, *, optimizer: bool = False, like: Archive | None
 def averaged(path: Path) -> bool:
     """Whether the archive at `path` is an earlier streamavg output (see `hdf5.averaged`)."""
     try:
-        member = _open_member(path)[0]
+        with closing(open_file(path)) as source:
+            return hdf5.averaged(_open_member(path, source)[0])
     except StreamavgError:
         return False
-    with member:
-        return hdf5.averaged(member)
 
 
-class _Window(io.RawIOBase):
-    """Read-only bytes [start, start+size) of a file: an uncompressed zip member, in place."""
-
-    def __init__(self, raw: BinaryIO, start: int, size: int) -> None:
-        self._raw, self.start, self._size, self._pos = raw, start, size, 0
-
-    def fileno(self) -> int:
-        return self._raw.fileno()
-
-    def readable(self) -> bool:
-        return True
-
-    def seekable(self) -> bool:
-        return True
-
-    def tell(self) -> int:
-        return self._pos
-
-    def seek(self, pos: int, whence: int = os.SEEK_SET) -> int:
-        base = {os.SEEK_SET: 0, os.SEEK_CUR: self._pos, os.SEEK_END: self._size}[whence]
-        self._pos = base + pos
-        return self._pos
-
-    def readinto(self, buf) -> int:
-        n = max(0, min(len(buf), self._size - self._pos))
-        if not n or self._pos < 0:  # past the member's end (or a nonsense position): nothing
-            return 0
-        got = os.preadv(self._raw.fileno(), [memoryview(buf)[:n]], self.start + self._pos)
-        self._pos += got
-        return got
-
-    def close(self) -> None:
-        self._raw.close()
-        super().close()
-
-
-def _open_member(path: Path) -> tuple[BinaryIO, int]:
-    """Open the weights member of a `.keras` zip in place, without extracting it."""
+def _open_member(path: Path, source: LocalFile) -> tuple[BinaryIO, int]:
+    """Open the weights member of the `.keras` zip `source` in place, without extracting it."""
     try:
-        with zipfile.ZipFile(path) as zf:
+        with zipfile.ZipFile(source.handle()) as zf:
             members = zf.infolist()
     except (zipfile.BadZipFile, OSError, EOFError, ValueError) as e:
         raise StreamavgError(f"{path}: corrupt .keras archive ({e})") from None
@@ -140,18 +109,15 @@ def _open_member(path: Path) -> tuple[BinaryIO, int]:
     if info is None:
         raise StreamavgError(f"{path}: .keras archive has no {WEIGHTS_MEMBER}")
     if info.compress_type != zipfile.ZIP_STORED:  # not as Keras writes it; decompress on the fly
-        return zipfile.ZipFile(path).open(info), info.file_size
-    raw = open(path, "rb", buffering=0)  # noqa: SIM115 - owned by the returned window
-    header = os.pread(raw.fileno(), 30, info.header_offset)
+        return zipfile.ZipFile(source.handle()).open(info), info.file_size
+    header = source.read(info.header_offset, 30)
     if len(header) < 30 or header[:4] != MAGIC:
-        raw.close()
         raise StreamavgError(f"{path}: corrupt .keras archive (bad local header)")
     name_len, extra_len = struct.unpack("<HH", header[26:30])
     start = info.header_offset + 30 + name_len + extra_len
-    if start + info.file_size > os.fstat(raw.fileno()).st_size:
-        raw.close()
+    if start + info.file_size > source.size:
         raise StreamavgError(f"{path}: corrupt .keras archive (truncated {WEIGHTS_MEMBER})")
-    return _Window(raw, start, info.file_size), info.file_size
+    return source.window(start, info.file_size), info.file_size
 
 
 def check_members(path: Path, members: list[zipfile.ZipInfo]) -> None:
@@ -174,12 +140,15 @@ def check_members(path: Path, members: list[zipfile.ZipInfo]) -> None:
             )
 
 
-def finish(template: Path, path: Path, written: Mapping[int, tuple[int, int]]) -> None:
+def finish(
+    template: Path, path: Path, written: Mapping[int, tuple[int, int]], source: str | BinaryIO
+) -> None:
     """Make `path`, an HDF5 file written after a HEADER-byte user block, a `.keras` archive
-    holding it as the weights member, then `template`'s other members. `written` maps the
-    offset of byte ranges already checksummed to their (size, CRC-32); they are not read."""
+    holding it as the weights member, then the other members of archive `template` (opened
+    as `source`). `written` maps the offset of byte ranges already checksummed to their
+    (size, CRC-32); they are not read."""
     try:
-        with zipfile.ZipFile(template) as src:
+        with zipfile.ZipFile(source) as src:
             stamp = src.getinfo(WEIGHTS_MEMBER).date_time
             others = [
                 (i.filename, i.date_time, src.read(i))

@@ -14,9 +14,7 @@ from __future__ import annotations
 import functools
 import json
 import math
-import os
 import re
-import shutil
 import struct
 from collections.abc import Collection, Iterator
 from contextlib import ExitStack, contextmanager
@@ -25,7 +23,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from ..blocks import flat_start
+from ..blocks import block_shape, flat_start
 from ..errors import StreamavgError, reason
 from ..publish import OffsetWriter
 from .base import (
@@ -34,8 +32,9 @@ from .base import (
     Tensor,
     Write,
     check_same,
+    copy_out,
     identity,
-    pread_into,
+    open_file,
     require_regular_file,
     stat_of,
 )
@@ -147,14 +146,9 @@ class _File:
     def __init__(self, path: Path) -> None:
         self.path = path
         require_regular_file(path)
+        self.source = open_file(path)
         try:
-            self.fd: int | None = os.open(path, os.O_RDONLY)
-        except OSError as e:
-            raise StreamavgError(f"{path}: cannot read ({e.strerror})") from None
-        try:
-            st = os.fstat(self.fd)
-            self.identity = identity(st)
-            self.size = st.st_size
+            self.size = self.source.size
             self.metadata, self.entries, self.data_start = self._header()
         except BaseException:
             self.close()
@@ -166,12 +160,12 @@ class _File:
         path = self.path
         if self.size < 8:
             raise StreamavgError(f"{path}: too short for a safetensors file ({self.size} bytes)")
-        (length,) = struct.unpack("<Q", os.pread(self.fd, 8, 0))
+        (length,) = struct.unpack("<Q", self.source.read(0, 8))
         if length > MAX_HEADER:
             raise StreamavgError(
                 f"{path}: safetensors header of {length:,} bytes, over the limit of {MAX_HEADER:,}"
             )
-        raw = os.pread(self.fd, length, 8)
+        raw = self.source.read(8, length)
         if len(raw) != length:
             raise StreamavgError(
                 f"{path}: safetensors header of {length:,} bytes runs past the end of the "
@@ -199,14 +193,12 @@ class _File:
     def read_into(self, name: str, out: np.ndarray, begin: int) -> None:
         """Fill `out` with the data of tensor `name` from byte `begin` of the data."""
         try:
-            pread_into(self.fd, self.path, self.identity, self.data_start + begin, out)
+            self.source.read_into(self.data_start + begin, out)
         except OSError as e:
             raise StreamavgError(f"{self.path}: {name}: unreadable ({reason(e)})") from None
 
     def close(self) -> None:
-        if self.fd is not None:
-            os.close(self.fd)
-            self.fd = None
+        self.source.close()
 
     def __enter__(self) -> _File:
         return self
@@ -298,15 +290,24 @@ class _Safetensors(Reader):
         if out.nbytes:
             file.read_into(name, out, e.begin + flat_start(e.shape, index) * out.itemsize)
 
+    def prefetch(self, name: str, index: tuple[slice, ...]) -> None:
+        file, e = self._where[name]
+        item = e.dtype.itemsize
+        if size := math.prod(block_shape(e.shape, index)) * item:
+            file.source.prefetch(
+                file.data_start + e.begin + flat_start(e.shape, index) * item, size
+            )
+
     def settle(self, release: bool) -> None:
         """With `release`, close every file; each read then reopens it by path, checking
         that it is still the same file."""
         if release:
-            self.close()
+            for file in self._files.values():
+                file.source.release()
 
     def check_unchanged(self) -> None:
         for file in self._files.values():
-            check_same(file.path, file.identity)
+            file.source.check_unchanged()
 
     def close(self) -> None:
         for file in self._files.values():
@@ -357,7 +358,7 @@ class Folder(_Safetensors):
         self._files: dict[str, _File] = {}
         try:
             for shard in sorted(set(self._weight_map.values())):
-                if not os.path.exists(path / shard):
+                if not (path / shard).exists():
                     raise StreamavgError(
                         f"{path / shard}: listed in {self._index.name}, but missing"
                     )
@@ -413,7 +414,7 @@ class Folder(_Safetensors):
         for entry in sorted(self.path.iterdir()):
             other_weights = entry.name in self._files or entry == self._index
             if entry.is_file() and not other_weights and not _training_state(entry.name):
-                shutil.copyfile(entry, tmp / entry.name)
+                copy_out(entry, tmp / entry.name)
         document = {**self._document, "metadata": {**self._metadata, PROVENANCE_KEY: provenance}}
         text = json.dumps(document, indent=2, sort_keys=True) + "\n"
         (tmp / self._index.name).write_text(text, encoding="utf-8")
