@@ -16,7 +16,8 @@ import re
 import resource
 import threading
 from collections import deque
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
 
 import numpy as np
@@ -34,8 +35,9 @@ MIN_MEMORY = 1 << 20  # the smallest --max-memory: below it, per-call overhead d
 MIN_PIECE = 1 << 14  # elements; smaller pieces cost more in per-call overhead than they save
 FD_RESERVE = 64  # file descriptors left for the interpreter, HDF5 and the output
 WORKERS = min(8, os.cpu_count() or 1)  # reads and numpy release the GIL: one per core
-READ_AHEAD = 64 << 20  # bytes of inputs fetched ahead of the fold (from object storage)
-REMOTE_PIECES = 4  # bigger pieces from object storage: fewer, larger requests
+READ_AHEAD = 256 << 20  # bytes of inputs fetched ahead of the fold (from object storage)
+OPENERS = 16  # checkpoints in object storage opened at once
+MERGE_MAX = 8 << 20  # bytes: the largest request that adjacent prefetches merge into
 
 #: What to do with integer (and boolean) model tensors that differ between checkpoints.
 INTEGER_POLICIES = ("equal", "newest")
@@ -55,13 +57,30 @@ def open_all(paths: Sequence, stack: ExitStack) -> list[Reader]:
     soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
     files = len(paths) * newest.open_files
     too_many = soft != resource.RLIM_INFINITY and files > soft - FD_RESERVE
+    opening = _opened_together if is_url(newest.path) else _opened_in_turn
     older = []
-    for path in paths[:-1]:
-        ck = stack.enter_context(open_checkpoint(path, like=newest))
+    for ck in opening(paths[:-1], newest, stack):
         check_matches(ck, newest)
         ck.settle(release=too_many)
         older.append(ck)
     return [*older, newest]
+
+
+def _opened_in_turn(paths: Sequence, newest: Reader, stack: ExitStack) -> Iterator[Reader]:
+    for path in paths:
+        yield stack.enter_context(open_checkpoint(path, like=newest))
+
+
+def _opened_together(paths: Sequence, newest: Reader, stack: ExitStack) -> Iterator[Reader]:
+    """Open checkpoints in object storage on OPENERS threads, as each open waits on a few
+    round trips; in order, the first failure is the one raised (the others are closed)."""
+    with ThreadPoolExecutor(OPENERS) as pool:
+        futures = [pool.submit(open_checkpoint, path, like=newest) for path in paths]
+    for future in futures:
+        if future.exception() is None:
+            stack.enter_context(future.result())
+    for future in futures:
+        yield future.result()
 
 
 def check_matches(ck: Reader, ref: Reader) -> None:
@@ -133,15 +152,14 @@ def _describe(t: Tensor) -> str:
     return f"shape {t.shape} {t.dtype}"
 
 
-def piece_layout(max_memory: int | None, remote: bool = False) -> tuple[int, int]:
+def piece_layout(max_memory: int | None) -> tuple[int, int]:
     """Worker threads and elements per piece whose buffers fit in `max_memory` bytes.
 
     Each worker holds a float64 sum, a float64 term and the stored values: 24 bytes an
-    element at most. Without a budget, pieces are PIECE_BYTES of float64 on every core,
-    REMOTE_PIECES times that for inputs in object storage, where each piece is a request.
+    element at most. Without a budget, pieces are PIECE_BYTES of float64 on every core.
     """
     if max_memory is None:
-        return WORKERS, PIECE_BYTES // 8 * (REMOTE_PIECES if remote else 1)
+        return WORKERS, PIECE_BYTES // 8
     workers = max(1, min(WORKERS, max_memory // (BYTES_PER_ELEMENT * MIN_PIECE)))
     return workers, max(1, min(PIECE_BYTES // 8, max_memory // (workers * BYTES_PER_ELEMENT)))
 
@@ -275,15 +293,18 @@ def fold(
         finish(t, (), acc, x.view(t.stored))
         return t.nbytes * len(checkpoints)
 
+    # Each input is read about READ_AHEAD / n bytes ahead; a store merges adjacent blocks
+    # into requests of up to half that, so that one is in flight while the other is read.
+    merge = min(MERGE_MAX, READ_AHEAD // (2 * len(checkpoints)))
+
     def prefetch(t: Tensor, index: tuple[slice, ...]) -> None:
         for ck in checkpoints:
-            ck.prefetch(t.name, index)
+            ck.prefetch(t.name, index, merge)
 
-    remote = any(is_url(ck.path) for ck in checkpoints)
-    piece_bytes = piece_layout(max_memory, remote)[1] * 8 * len(checkpoints)  # all inputs, at most
+    piece_bytes = piece_layout(max_memory)[1] * 8 * len(checkpoints)  # all inputs, at most
     ahead = (prefetch, max(1, READ_AHEAD // piece_bytes))
     try:
-        _each_piece(tensors, piece, max_memory, bar, whole=whole, ahead=ahead, remote=remote)
+        _each_piece(tensors, piece, max_memory, bar, whole=whole, ahead=ahead)
     finally:
         if bar is not None:
             bar.close()
@@ -311,7 +332,6 @@ def _each_piece(
     *,
     whole: Collection[str] = (),
     ahead: tuple[Callable[[Tensor, tuple[slice, ...]], None], int] | None = None,
-    remote: bool = False,
 ) -> None:
     """Call `piece(t, index, buffers)` on every block of every tensor (once, with index
     `()`, for the tensors named in `whole`); it returns the bytes it read, for the
@@ -324,7 +344,7 @@ def _each_piece(
     number of checkpoints. The first failing piece, in order, is the error raised; a signal
     stops new pieces, waits for every worker, then is raised.
     """
-    workers, elements = piece_layout(max_memory, remote)
+    workers, elements = piece_layout(max_memory)
     jobs = enumerate(
         (t, index)
         for t in tensors

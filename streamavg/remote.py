@@ -153,7 +153,8 @@ class RemoteFile:
             self._raw = self._fs.open(path.path, "rb", cache_type="none")
             self.size = self._raw.size
         self._version = _version(self._raw.details)
-        self._pending: dict[tuple[int, int], Future[bytes]] = {}
+        self._reads: dict[tuple[int, int], _Request] = {}  # prefetched, by (offset, size)
+        self._open: _Request | None = None  # the request that prefetches are merged into
         self._lock = threading.Lock()
         self._blocks: BinaryIO | None = None  # for `_cached`
         self._skipped: list[tuple[int, int]] = []
@@ -165,16 +166,38 @@ class RemoteFile:
             raise OSError("unexpected end of file")
         return data
 
-    def prefetch(self, offset: int, size: int) -> None:
-        """Start fetching bytes [offset, offset+size), for a `read_into` soon after."""
+    def prefetch(self, offset: int, size: int, merge: int = 0) -> None:
+        """Start fetching bytes [offset, offset+size), for a `read` soon after: in one
+        request with the ranges prefetched just before it, while they are adjacent and
+        fit in `merge` bytes (the request goes once full, or once a read needs it)."""
         with self._lock:
-            if (offset, size) not in self._pending:
-                self._pending[offset, size] = _pool.submit(self._fetch, offset, size)
+            if (offset, size) in self._reads:
+                return
+            run = self._open
+            if run is not None and (offset != run.end or run.end + size - run.start > merge):
+                self._send()
+                run = None
+            if run is None:
+                run = self._open = _Request(offset, offset)
+            run.end = offset + size
+            self._reads[offset, size] = run
+            if run.end - run.start >= merge:
+                self._send()
+
+    def _send(self) -> None:
+        """Start the request being merged (the lock is held)."""
+        run, self._open = self._open, None
+        run.data = _pool.submit(self._fetch, run.start, run.end - run.start)
 
     def read(self, offset: int, size: int) -> bytes:
         with self._lock:
-            pending = self._pending.pop((offset, size), None)
-        return self._fetch(offset, size) if pending is None else pending.result()
+            run = self._reads.pop((offset, size), None)
+            if run is not None and run.data is None:
+                self._send()
+        if run is None:
+            return self._fetch(offset, size)
+        start = offset - run.start
+        return run.data.result()[start : start + size]
 
     def read_into(self, offset: int, out: np.ndarray) -> None:
         out.reshape(-1).view(np.uint8)[:] = np.frombuffer(self.read(offset, out.nbytes), np.uint8)
@@ -226,12 +249,21 @@ class RemoteFile:
 
     def close(self) -> None:
         with self._lock:
-            for pending in self._pending.values():
-                pending.cancel()
-            self._pending.clear()
+            for run in self._reads.values():
+                if run.data is not None:
+                    run.data.cancel()
+            self._reads.clear()
         for f in (self._blocks, self._raw):
             if f is not None:
                 f.close()
+
+
+class _Request:
+    """Adjacent prefetched ranges fetched as one: bytes [start, end), and their future."""
+
+    def __init__(self, start: int, end: int) -> None:
+        self.start, self.end = start, end
+        self.data: Future[bytes] | None = None  # None while prefetches still merge into it
 
 
 def _version(info: dict) -> tuple:

@@ -192,7 +192,8 @@ def test_inputs_in_s3_average_to_the_bytes_of_a_local_run(
 
 
 def test_a_big_checkpoint_is_read_once_by_ranges_not_downloaded(tmp_path, s3, endpoint):
-    """Three .keras files of 4 MiB of weights: every byte fetched about once, by ranges."""
+    """Three .keras files of 4 MiB of weights: every byte fetched about once, by ranges,
+    and each kernel's blocks (512 KiB pieces of the fold) merged into one request."""
     import keras
 
     model = keras.Sequential([keras.Input((1024,)), keras.layers.Dense(1024, name="big")])
@@ -210,11 +211,11 @@ def test_a_big_checkpoint_is_read_once_by_ranges_not_downloaded(tmp_path, s3, en
     assert got.output.read_bytes() == want.output.read_bytes()
     ranges = [r for _, r in gets(endpoint, "big")]
     assert None not in ranges
-    fetched = sum(
-        int(b) - int(a) + 1 for a, b in (r.removeprefix("bytes=").split("-") for r in ranges)
-    )
+    sizes = [int(b) - int(a) + 1 for a, b in (r.removeprefix("bytes=").split("-") for r in ranges)]
+    fetched = sum(sizes)
     stored = sum(f.stat().st_size for f in (tmp_path / "run").iterdir())
     assert stored <= fetched < 1.1 * stored
+    assert len([n for n in sizes if n > 1 << 20]) == 3  # each kernel in one request, merged
 
 
 def test_selection_in_a_bucket_is_the_local_selection(checkpoints, tmp_path, s3, capsys):

@@ -65,9 +65,11 @@ class Reader:
         dtype; failures name the file and the tensor. Blocks come from `blocks.blocks`."""
         raise NotImplementedError
 
-    def prefetch(self, name: str, index: tuple[slice, ...]) -> None:
+    def prefetch(self, name: str, index: tuple[slice, ...], merge: int = 0) -> None:
         """Start fetching block `index` of tensor `name`, which `read` will ask for soon
-        (a checkpoint in object storage); reads from a disk need no such hint."""
+        (a checkpoint in object storage), in one request with the blocks prefetched just
+        before it if they are adjacent and all fit in `merge` bytes; reads from a disk
+        need no such hint."""
 
     def read_whole(self, name: str) -> np.ndarray:
         """All of tensor `name`, in its logical dtype."""
@@ -191,7 +193,7 @@ class LocalFile:
         with self._open() as fd:
             return os.pread(fd, size, offset)
 
-    def prefetch(self, offset: int, size: int) -> None:
+    def prefetch(self, offset: int, size: int, merge: int = 0) -> None:
         """Nothing to do: the page cache and the disk read ahead."""
 
     def skip(self, ranges: Iterable[tuple[int, int]]) -> None:
@@ -257,6 +259,8 @@ def identity(st: os.stat_result) -> tuple[int, ...]:
 
 def check_same(path: Path, known: tuple[int, ...], st: os.stat_result | None = None) -> None:
     """Refuse a file that changed since it was opened: it is still being written."""
+    if is_url(path):  # ask the store, not what a listing cached
+        path.fs.invalidate_cache(path.path)
     try:
         st = st or path.stat()
     except OSError:

@@ -417,11 +417,11 @@ class Checkpoint(Reader):
                 f"{self.path}: {self.stored_name(name)}: unreadable ({reason(e)})"
             ) from None
 
-    def prefetch(self, name: str, index: tuple[slice, ...]) -> None:
+    def prefetch(self, name: str, index: tuple[slice, ...], merge: int = 0) -> None:
         offset, t = self._offsets.get(name), self.tensors[name]
-        size = math.prod(block_shape(t.shape, index)) * t.stored.itemsize
-        if offset is not None and size:
-            self._source.prefetch(offset + flat_start(t.shape, index) * t.stored.itemsize, size)
+        item = t.stored.itemsize
+        if offset is not None and (size := math.prod(block_shape(t.shape, index)) * item):
+            self._source.prefetch(offset + flat_start(t.shape, index) * item, size, merge)
 
     def skip_data(self, names: Collection[str]) -> None:
         """Let HDF5's copy of this file read the data of tensors `names` as zeros, where

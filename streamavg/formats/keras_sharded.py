@@ -191,8 +191,8 @@ class Sharded(Reader):
     def read(self, name: str, index: tuple[slice, ...], out: np.ndarray) -> None:
         self._owner[name].read(name, index, out)
 
-    def prefetch(self, name: str, index: tuple[slice, ...]) -> None:
-        self._owner[name].prefetch(name, index)
+    def prefetch(self, name: str, index: tuple[slice, ...], merge: int = 0) -> None:
+        self._owner[name].prefetch(name, index, merge)
 
     def settle(self, release: bool) -> None:
         for shard in self.shards:

@@ -290,13 +290,12 @@ class _Safetensors(Reader):
         if out.nbytes:
             file.read_into(name, out, e.begin + flat_start(e.shape, index) * out.itemsize)
 
-    def prefetch(self, name: str, index: tuple[slice, ...]) -> None:
+    def prefetch(self, name: str, index: tuple[slice, ...], merge: int = 0) -> None:
         file, e = self._where[name]
         item = e.dtype.itemsize
         if size := math.prod(block_shape(e.shape, index)) * item:
-            file.source.prefetch(
-                file.data_start + e.begin + flat_start(e.shape, index) * item, size
-            )
+            start = file.data_start + e.begin + flat_start(e.shape, index) * item
+            file.source.prefetch(start, size, merge)
 
     def settle(self, release: bool) -> None:
         """With `release`, close every file; each read then reopens it by path, checking
