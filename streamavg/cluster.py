@@ -1,7 +1,8 @@
 """The fold on a Dask cluster: tasks named `streamavg-fold-...`, each folding a group of
-tensors. Workers open the inputs themselves (shared paths) and write their results
-straight into the output's temporary file at its datasets' offsets, so the client never
-handles tensor data; the client publishes the file once every task is done.
+tensors. Workers open the inputs themselves (shared paths, or URLs) and write their
+results straight into the output's temporary files at the tensors' offsets (each shard of
+a sharded output is a file of its own), so the client never handles tensor data; the
+client publishes the output once every task is done.
 
 >>> from distributed import Client  # doctest: +SKIP
 >>> client = Client("tcp://10.0.0.5:8786")  # doctest: +SKIP
@@ -21,7 +22,7 @@ from .blocks import flat_start
 from .engine import fold, open_all
 from .errors import UsageError, command_line, on_command_line
 from .formats import Tensor
-from .formats.hdf5 import Targets
+from .formats.base import Targets
 from .progress import bytes_bar
 from .publish import OffsetWriter
 
@@ -63,8 +64,11 @@ def fold_on(
     progress: bool,
 ) -> None:
     """Fold `tensors` of `files` into the output `targets` describe, as Dask tasks."""
-    if targets is None or not {t.name for t in tensors} <= targets.offsets.keys():
-        raise UsageError("the Dask fold writes .keras, .weights.h5 and .h5 outputs only, for now")
+    if targets is None or not {t.name for t in tensors} <= targets.places.keys():
+        raise UsageError(
+            "the Dask fold cannot write this output: its tensors are not at fixed offsets "
+            "in files (an Orbax checkpoint, or chunked HDF5 datasets)"
+        )
     from distributed import as_completed
 
     parts = groups(tensors, len(client.scheduler_info()["workers"]))
@@ -75,8 +79,7 @@ def fold_on(
             [str(f) for f in files],
             weights,
             group,
-            str(targets.path),
-            {t.name: targets.offsets[t.name] for t in group},
+            {t.name: (str(targets.places[t.name][0]), targets.places[t.name][1]) for t in group},
             targets.checksums is not None,
             allow_nonfinite,
             on_command_line(),  # so that a task's errors name options as the caller does
@@ -107,27 +110,27 @@ def _fold_group(
     files: list[str],
     weights: np.ndarray,
     tensors: list[Tensor],
-    path: str,
-    offsets: dict[str, int],
+    places: dict[str, tuple[str, int]],
     checksummed: bool,
     allow_nonfinite: bool,
     flags: bool,
 ) -> dict[int, tuple[int, int]] | None:
-    """One task, on a worker: fold `tensors` and write them at `offsets` in `path`; the
-    CRC-32 of each range written, if `checksummed`."""
+    """One task, on a worker: fold `tensors` and write each at its place (file, offset);
+    the CRC-32 of each range written, if `checksummed` (one file: a `.keras` archive)."""
     sums: dict[int, tuple[int, int]] | None = {} if checksummed else None
     with ExitStack() as stack:
         if flags:
             stack.enter_context(command_line())
         checkpoints = open_all(files, stack)
-        writer = OffsetWriter(Path(path), sums)
-        try:
+        writers = {}
+        for path in {path for path, _ in places.values()}:
+            writers[path] = OffsetWriter(Path(path), sums)
+            stack.callback(writers[path].close)
 
-            def write(t: Tensor, index: tuple[slice, ...], values: np.ndarray) -> None:
-                data = np.ascontiguousarray(values)
-                writer.write(offsets[t.name] + flat_start(t.shape, index) * data.itemsize, data)
+        def write(t: Tensor, index: tuple[slice, ...], values: np.ndarray) -> None:
+            path, offset = places[t.name]
+            data = np.ascontiguousarray(values)
+            writers[path].write(offset + flat_start(t.shape, index) * data.itemsize, data)
 
-            fold(checkpoints, weights, tensors, write, allow_nonfinite=allow_nonfinite)
-        finally:
-            writer.close()
+        fold(checkpoints, weights, tensors, write, allow_nonfinite=allow_nonfinite)
     return sums

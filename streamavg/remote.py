@@ -54,6 +54,8 @@ def as_path(path: str | os.PathLike | Any) -> Path:
     if not isinstance(path, (str, os.PathLike)):
         return path
     url = os.fspath(path)
+    if url.lower().startswith("file://"):
+        return Path(url[len("file://") :])
     if url.split("://", 1)[0].lower() in ("http", "https"):
         raise UsageError(f"{url}: HTTP cannot list folders; use object storage (s3://, gs://, ...)")
     try:
@@ -155,8 +157,9 @@ class RemoteFile:
         self._version = _version(self._raw.details)
         self._reads: dict[tuple[int, int], _Request] = {}  # prefetched, by (offset, size)
         self._open: _Request | None = None  # the request that prefetches are merged into
-        self._lock = threading.Lock()
-        self._blocks: BinaryIO | None = None  # for `_cached`
+        self._lock = threading.Lock()  # guards the prefetches' books
+        self._blocks: BinaryIO | None = None  # for `_cached`, under its own lock
+        self._blocks_lock = threading.Lock()
         self._skipped: list[tuple[int, int]] = []
 
     def _fetch(self, offset: int, size: int) -> bytes:
@@ -219,7 +222,7 @@ class RemoteFile:
         """Read through a cache of small blocks, so that a library's many small metadata
         reads cost a few requests; `skip`ped ranges read as zeros."""
         end, pos = offset + len(buf), offset
-        with self._lock, errors(self.path):
+        with self._blocks_lock, errors(self.path):
             if self._blocks is None:
                 self._blocks = self._fs.open(
                     self.path.path, "rb", block_size=METADATA_BLOCK, cache_type="blockcache"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 import socket
@@ -140,3 +141,52 @@ def put_tree(fs, local: Path, key: str) -> str:
         if f.is_file():
             fs.put_file(str(f), f"{key}/{f.relative_to(local).as_posix()}")
     return f"s3://{key}"
+
+
+@pytest.fixture(scope="session")
+def containers(tmp_path_factory) -> Path:
+    """Keras sharded weights and unzipped `.keras` folders (one run, three epochs), and
+    safetensors files and sharded folders, each kind in its own folder."""
+    import ml_dtypes
+    from safetensors.numpy import save_file
+    from training import FIT, X, Y, make_model
+
+    root = tmp_path_factory.mktemp("containers")
+    model = make_model(batchnorm=True)
+    (root / "keras-sharded").mkdir()
+    for e in range(1, 4):
+        model.fit(X, Y, epochs=1, **FIT)
+        model.save_weights(
+            root / "keras-sharded" / f"epoch_{e}.weights.json", max_shard_size=1.4e-7
+        )
+        model.save(str(root / "keras-dir" / f"epoch_{e}"), zipped=False)
+    rng = np.random.default_rng(0)
+    for step in (100, 200, 300):
+        arrays = {
+            "w": rng.standard_normal((64, 96)).astype(np.float32),
+            "b": rng.standard_normal(96).astype(ml_dtypes.bfloat16),
+        }
+        (root / "safetensors").mkdir(exist_ok=True)
+        save_file(arrays, root / "safetensors" / f"step_{step}.safetensors")
+        folder = root / "safetensors-dir" / f"checkpoint-{step}"
+        folder.mkdir(parents=True)
+        save_file({"w": arrays["w"]}, folder / "model-00001-of-00002.safetensors")
+        save_file({"b": arrays["b"]}, folder / "model-00002-of-00002.safetensors")
+        index = {
+            "metadata": {},
+            "weight_map": {
+                "w": "model-00001-of-00002.safetensors",
+                "b": "model-00002-of-00002.safetensors",
+            },
+        }
+        (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+    return root
+
+
+def tree(path: Path) -> dict[str, bytes]:
+    """Every file of an output (a file, a folder, or a manifest with its shards) by name."""
+    if path.is_dir():
+        return {
+            str(f.relative_to(path)): f.read_bytes() for f in sorted(path.rglob("*")) if f.is_file()
+        }
+    return {f.name: f.read_bytes() for f in sorted(path.parent.iterdir())}

@@ -11,13 +11,11 @@ import urllib.parse
 import urllib.request
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
-from pathlib import Path
 
-import ml_dtypes
 import numpy as np
 import pytest
 import s3fs
-from conftest import put_tree
+from conftest import put_tree, tree
 
 import streamavg
 from streamavg.cli import main
@@ -115,54 +113,6 @@ def gets(endpoint: str, prefix: str) -> list[tuple[str, str | None]]:
         if r["method"] == "GET" and path.startswith(f"/bkt/{prefix}/"):
             found.append((path, r["headers"].get("Range")))
     return found
-
-
-@pytest.fixture(scope="module")
-def containers(tmp_path_factory) -> Path:
-    """Keras sharded weights and unzipped `.keras` folders (one run, three epochs), and
-    safetensors files and sharded folders, each kind in its own folder."""
-    from safetensors.numpy import save_file
-    from training import FIT, X, Y, make_model
-
-    root = tmp_path_factory.mktemp("containers")
-    model = make_model(batchnorm=True)
-    (root / "keras-sharded").mkdir()
-    for e in range(1, 4):
-        model.fit(X, Y, epochs=1, **FIT)
-        model.save_weights(
-            root / "keras-sharded" / f"epoch_{e}.weights.json", max_shard_size=1.4e-7
-        )
-        model.save(str(root / "keras-dir" / f"epoch_{e}"), zipped=False)
-    rng = np.random.default_rng(0)
-    for step in (100, 200, 300):
-        arrays = {
-            "w": rng.standard_normal((64, 96)).astype(np.float32),
-            "b": rng.standard_normal(96).astype(ml_dtypes.bfloat16),
-        }
-        (root / "safetensors").mkdir(exist_ok=True)
-        save_file(arrays, root / "safetensors" / f"step_{step}.safetensors")
-        folder = root / "safetensors-dir" / f"checkpoint-{step}"
-        folder.mkdir(parents=True)
-        save_file({"w": arrays["w"]}, folder / "model-00001-of-00002.safetensors")
-        save_file({"b": arrays["b"]}, folder / "model-00002-of-00002.safetensors")
-        index = {
-            "metadata": {},
-            "weight_map": {
-                "w": "model-00001-of-00002.safetensors",
-                "b": "model-00002-of-00002.safetensors",
-            },
-        }
-        (folder / "model.safetensors.index.json").write_text(json.dumps(index))
-    return root
-
-
-def tree(path: Path) -> dict[str, bytes]:
-    """Every file of an output (a file, a folder, or a manifest with its shards) by name."""
-    if path.is_dir():
-        return {
-            str(f.relative_to(path)): f.read_bytes() for f in sorted(path.rglob("*")) if f.is_file()
-        }
-    return {f.name: f.read_bytes() for f in sorted(path.parent.iterdir())}
 
 
 KERAS_CASES = ["k3-keras", "k3-keras-bf16", "k3-weights", "k3-h5", "k2-h5", "k2-weights"]

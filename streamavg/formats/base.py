@@ -47,6 +47,16 @@ class Tensor(NamedTuple):
 Write = Callable[[str, np.ndarray, tuple[slice, ...]], None]
 
 
+class Targets(NamedTuple):
+    """Where other processes may write fresh tensors themselves, as a writer's `write`
+    offers them (`write.targets`): by name, the file and the offset of its data (written
+    with `os.pwritev`); and, for a `.keras` archive (one file), where the CRC-32 of each
+    range written must go."""
+
+    places: dict[str, tuple[Path, int]]
+    checksums: dict[int, tuple[int, int]] | None
+
+
 class Reader:
     """An open checkpoint of some container: its tensors, and block reads into buffers.
 

@@ -20,7 +20,7 @@ import struct
 from collections.abc import Collection, Iterator
 from contextlib import AbstractContextManager, ExitStack, closing, contextmanager, suppress
 from pathlib import Path
-from typing import BinaryIO, NamedTuple
+from typing import BinaryIO
 
 import h5py
 import numpy as np
@@ -33,6 +33,7 @@ from .base import (
     PROVENANCE_KEY,
     LocalFile,
     Reader,
+    Targets,
     Tensor,
     Write,
     open_file,
@@ -508,15 +509,6 @@ def _supported(stored: np.dtype) -> bool:
     )
 
 
-class Targets(NamedTuple):
-    """Where another process may write fresh tensors itself (`os.pwritev` into `path`, at
-    `offsets` by name), and where the CRC-32 of what it writes must go, if anywhere."""
-
-    path: Path
-    offsets: dict[str, int]
-    checksums: dict[int, tuple[int, int]] | None
-
-
 @contextmanager
 def h5_like(
     template: Checkpoint,
@@ -579,7 +571,8 @@ def h5_like(
                 else:
                     writer.write(offset + flat_start(ds.shape, index) * data.itemsize, data)
 
-            write.targets = Targets(path, offsets, checksums)  # for writers in other processes
+            places = {name: (path, offset) for name, offset in offsets.items()}
+            write.targets = Targets(places, checksums)  # for writers in other processes
             yield write
         finally:
             writer.close()

@@ -26,7 +26,15 @@ from .. import publish
 from ..errors import WRITE_ERRORS, StreamavgError, UsageError
 from ..remote import as_path
 from . import hdf5
-from .base import PROVENANCE_KEY, Reader, Write, check_same, identity, require_regular_file
+from .base import (
+    PROVENANCE_KEY,
+    Reader,
+    Targets,
+    Write,
+    check_same,
+    identity,
+    require_regular_file,
+)
 
 SUFFIXES = {"keras-sharded": ".weights.json"}
 ACCEPTED = {"keras-sharded": (".weights.json",)}
@@ -251,6 +259,7 @@ class Sharded(Reader):
             try:
                 with ExitStack() as files:
                     writers: dict[str, Write] = {}
+                    places: dict[str, tuple[Path, int]] = {}
                     for shard in kept:
                         mine = fresh & shard.tensors.keys()
                         writer = files.enter_context(
@@ -259,10 +268,12 @@ class Sharded(Reader):
                             )
                         )
                         writers |= dict.fromkeys(mine, writer)
+                        places |= writer.targets.places
 
                     def write(name: str, values: np.ndarray, index: tuple[slice, ...] = ()) -> None:
                         writers[name](name, values, index)
 
+                    write.targets = Targets(places, None)  # each shard, its own file
                     yield write
                 manifest_tmp.write_text(json.dumps(manifest, indent=4))
                 _lock(dest.parent, until=lock)

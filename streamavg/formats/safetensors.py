@@ -29,6 +29,7 @@ from ..publish import OffsetWriter
 from .base import (
     PROVENANCE_KEY,
     Reader,
+    Targets,
     Tensor,
     Write,
     check_same,
@@ -508,6 +509,7 @@ def _written(
     tensors are copied from the templates, COPY_BYTES at a time."""
     fresh = set(fresh)
     targets: dict[str, tuple[OffsetWriter, int, tuple[int, ...]]] = {}
+    places: dict[str, tuple[Path, int]] = {}
     buffer = np.empty(COPY_BYTES, np.uint8)
     with ExitStack() as stack:
         for path, template in outputs.items():
@@ -524,6 +526,7 @@ def _written(
             for name, e in template.entries.items():
                 if name in fresh:
                     targets[name] = writer, len(head) + e.begin, e.shape
+                    places[name] = path, len(head) + e.begin
                     continue
                 for at in range(e.begin, e.end, COPY_BYTES):
                     chunk = buffer[: min(COPY_BYTES, e.end - at)]
@@ -535,4 +538,5 @@ def _written(
             data = np.ascontiguousarray(values)
             writer.write(start + flat_start(shape, index) * data.itemsize, data)
 
+        write.targets = Targets(places, None)  # for writers in other processes
         yield write
