@@ -27,7 +27,7 @@ from .errors import StreamavgError, UsageError, option
 from .formats import Reader, Tensor, open_checkpoint
 from .formats.hdf5 import BY_POSITION
 from .progress import bytes_bar
-from .remote import is_url
+from .remote import OPENERS, is_url
 
 PIECE_BYTES = 1 << 20  # float64 accumulator per piece: stays in the CPU cache
 BYTES_PER_ELEMENT = 24  # a worker's buffers: float64 sum and term, stored values (<= 8 bytes)
@@ -36,7 +36,6 @@ MIN_PIECE = 1 << 14  # elements; smaller pieces cost more in per-call overhead t
 FD_RESERVE = 64  # file descriptors left for the interpreter, HDF5 and the output
 WORKERS = min(8, os.cpu_count() or 1)  # reads and numpy release the GIL: one per core
 READ_AHEAD = 256 << 20  # bytes of inputs fetched ahead of the fold (from object storage)
-OPENERS = 16  # checkpoints in object storage opened at once
 MERGE_MAX = 8 << 20  # bytes: the largest request that adjacent prefetches merge into
 
 #: What to do with integer (and boolean) model tensors that differ between checkpoints.

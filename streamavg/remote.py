@@ -32,6 +32,7 @@ _URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 EXTRA = "pip install 'streamavg[remote]'"
 METADATA_BLOCK = 1 << 16  # bytes per cached read of a library's metadata lookups
 FETCHES = 32  # byte-range requests in flight at once, over all files
+OPENERS = 16  # objects whose metadata is read at once (each read is a few round trips)
 OUTPUT_MISSING = "no such bucket or folder"
 CHANGED = "changed while being averaged (rewritten in the store)"
 _pool = ThreadPoolExecutor(FETCHES, thread_name_prefix="streamavg-fetch")

@@ -19,6 +19,7 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
 from itertools import pairwise
 from pathlib import Path
@@ -39,7 +40,7 @@ from .names import (
     stem,
 )
 from .output import OUTPUT_DIR
-from .remote import absolute, as_path, errors, is_url
+from .remote import OPENERS, absolute, as_path, errors, is_url
 
 #: What a scan looks for, as messages name it.
 KINDS = "(*.keras, *.h5, *.hdf5, *.weights.json, *.safetensors, or a checkpoint folder)"
@@ -261,8 +262,13 @@ def _take(
 def _originals(found: dict[Path, bool], notes: list[str]) -> list[Path]:
     """Leave out earlier streamavg outputs beside original checkpoints, found in a
     directory or named among them (as a shell glob such as `ckpts/*` names them), with a
-    note. Outputs named without originals are averaged: that is an average of averages."""
-    outputs = [p for p in found if averaged_by_streamavg(p)]
+    note. Outputs named without originals are averaged: that is an average of averages.
+    Checkpoints in object storage are asked on several threads: each answer is a few
+    round trips."""
+    with ThreadPoolExecutor(OPENERS) as pool:
+        ask = pool.map if any(map(is_url, found)) else map
+        made = ask(averaged_by_streamavg, found)
+        outputs = [p for p, output in zip(found, made, strict=True) if output]
     originals = [p for p in found if p not in outputs]
     named = [p for p in outputs if found[p]]
     if not originals and not named:

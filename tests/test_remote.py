@@ -231,6 +231,44 @@ def test_missing_inputs_are_refused_in_one_line(checkpoints, s3, capsys, given, 
     assert capsys.readouterr().err == f"streamavg: error: {message}\n"
 
 
+def test_inputs_without_credentials_are_refused_in_one_line(checkpoints, s3, monkeypatch, capsys):
+    url = put_tree(s3, checkpoints / "k3-keras", "bkt/run")
+    for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+        monkeypatch.delenv(key)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent")
+    monkeypatch.setenv("AWS_CONFIG_FILE", "/nonexistent")
+    s3fs.S3FileSystem.clear_instance_cache()
+    assert main([url, "-q"]) == 1
+    assert capsys.readouterr().err == (
+        f"streamavg: error: {url}: no credentials "
+        "(AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or fsspec's config)\n"
+    )
+
+
+def test_checkpoints_in_folders_by_epoch_are_found_one_level_down(checkpoints, tmp_path, s3):
+    for e in range(1, 6):
+        (tmp_path / f"epoch_{e}").mkdir()
+        shutil.copy(checkpoints / "k3-weights" / f"model_{e}.weights.h5", tmp_path / f"epoch_{e}")
+    url = put_tree(s3, tmp_path, "bkt/run")
+    there = select_checkpoints([url])
+    assert [str(p) for p in there.paths] == [
+        f"{url}/epoch_{e}/model_{e}.weights.h5" for e in range(1, 6)
+    ]
+    result = streamavg.average([url], scheme="linear")
+    assert result.output == f"{url}/averaged/epoch_5_model_5.avg-linear-n5.weights.h5"
+    local = streamavg.average([tmp_path], scheme="linear")
+    assert s3.cat(result.output.removeprefix("s3://")) == local.output.read_bytes()
+
+
+@pytest.mark.parametrize("case", ["keras-sharded", "keras-dir", "safetensors-dir"])
+def test_outputs_of_several_files_are_uploaded_file_by_file(containers, tmp_path, s3, case):
+    name = "avg.weights.json" if case == "keras-sharded" else "avg"  # shards, or a folder
+    local = streamavg.average([containers / case], output=tmp_path / name)
+    streamavg.average([containers / case], output=f"s3://bkt/out/{name}")
+    prefix = "bkt/out/" if case == "keras-sharded" else "bkt/out/avg/"
+    assert {k.removeprefix(prefix): s3.cat(k) for k in s3.find("bkt/out")} == tree(local.output)
+
+
 def test_local_and_remote_inputs_together_are_refused(checkpoints, s3, capsys):
     url = put_tree(s3, checkpoints / "k3-keras", "bkt/run")
     assert main([str(checkpoints / "k2-h5"), url, "-q"]) == 2
