@@ -14,6 +14,7 @@ Credentials and endpoints come from where the protocol's library looks (`AWS_*`,
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import threading
@@ -32,6 +33,8 @@ _URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 EXTRA = "pip install 'streamavg[remote]'"
 METADATA_BLOCK = 1 << 16  # bytes per cached read of a library's metadata lookups
 FETCHES = 32  # byte-range requests in flight at once, over all files
+HOLE = 64 << 10  # bytes a merged request reads through between two ranges, unused
+METADATA_MERGE = 1 << 20  # bytes of metadata ranges merged into one request, at most
 OPENERS = 16  # objects whose metadata is read at once (each read is a few round trips)
 OUTPUT_MISSING = "no such bucket or folder"
 CHANGED = "changed while being averaged (rewritten in the store)"
@@ -172,13 +175,15 @@ class RemoteFile:
 
     def prefetch(self, offset: int, size: int, merge: int = 0) -> None:
         """Start fetching bytes [offset, offset+size), for a `read` soon after: in one
-        request with the ranges prefetched just before it, while they are adjacent and
-        fit in `merge` bytes (the request goes once full, or once a read needs it)."""
+        request with the ranges prefetched just before it, while each starts at most HOLE
+        bytes after the last and all fit in `merge` bytes (the request goes once full, or
+        once a read needs it)."""
         with self._lock:
             if (offset, size) in self._reads:
                 return
             run = self._open
-            if run is not None and (offset != run.end or run.end + size - run.start > merge):
+            near = run is not None and run.end <= offset <= run.end + HOLE
+            if run is not None and (not near or offset + size - run.start > merge):
                 self._send()
                 run = None
             if run is None:
@@ -198,6 +203,9 @@ class RemoteFile:
             run = self._reads.pop((offset, size), None)
             if run is not None and run.data is None:
                 self._send()
+        if run is None and size < METADATA_BLOCK:  # metadata: through the block cache
+            buf = bytearray(size)
+            return bytes(buf[: self._cached(offset, memoryview(buf), skip=False)])
         if run is None:
             return self._fetch(offset, size)
         start = offset - run.start
@@ -211,24 +219,25 @@ class RemoteFile:
         return self.window(0, self.size)
 
     def window(self, start: int, size: int) -> Window:
-        """Bytes [start, start+size) as a file object (a `.keras` archive's member)."""
-        return Window(self._cached, start, size)
+        """Bytes [start, start+size) as a file object (a `.keras` archive's member), for
+        a library: `skip`ped ranges read as zeros."""
+        return Window(functools.partial(self._cached, skip=True), start, size)
 
     def skip(self, ranges: Iterable[tuple[int, int]]) -> None:
         """Let a library read byte ranges [start, end) as zeros, without fetching them:
         data about to be written over (the output's copy of the tensors averaged)."""
         self._skipped = sorted(ranges)
 
-    def _cached(self, offset: int, buf: memoryview) -> int:
-        """Read through a cache of small blocks, so that a library's many small metadata
-        reads cost a few requests; `skip`ped ranges read as zeros."""
+    def _cached(self, offset: int, buf: memoryview, *, skip: bool) -> int:
+        """Read through a cache of small blocks, so that many small metadata reads cost
+        a few requests; with `skip`, `skip`ped ranges read as zeros."""
         end, pos = offset + len(buf), offset
         with self._blocks_lock, errors(self.path):
             if self._blocks is None:
                 self._blocks = self._fs.open(
                     self.path.path, "rb", block_size=METADATA_BLOCK, cache_type="blockcache"
                 )
-            for a, b in [*self._skipped, (end, end)]:
+            for a, b in [*(self._skipped if skip else ()), (end, end)]:
                 a, b = max(a, pos), min(b, end)
                 if b < a:
                     continue

@@ -28,7 +28,7 @@ import numpy as np
 from ..blocks import block_shape, flat_start
 from ..errors import StreamavgError, reason, system_errno
 from ..publish import OffsetWriter
-from ..remote import as_path
+from ..remote import METADATA_MERGE, as_path
 from .base import (
     PROVENANCE_KEY,
     LocalFile,
@@ -196,7 +196,7 @@ class Checkpoint(Reader):
             return False
         if self._base is not None:  # all at once, from a store
             for (start, end), _ in like._metadata:
-                self._source.prefetch(self._base + start, end - start)
+                self._source.prefetch(self._base + start, end - start, METADATA_MERGE)
         try:
             for (start, end), data in like._metadata:
                 if self._image(start, end - start) != data:
@@ -377,7 +377,7 @@ class Checkpoint(Reader):
                 return None
         if self._base is not None:  # all at once, from a store
             for start, end in self._gaps:
-                self._source.prefetch(self._base + start, end - start)
+                self._source.prefetch(self._base + start, end - start, METADATA_MERGE)
         return [((start, end), self._image(start, end - start)) for start, end in self._gaps]
 
     def _check_heap(self, at: int, limit: int) -> None:
