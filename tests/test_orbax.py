@@ -418,3 +418,15 @@ def test_a_killed_run_leaves_no_output_and_the_next_run_cleans_up(slow, tmp_path
     assert temp.name.startswith(f".avg.streamavg-{pid}@") and temp.is_dir()
     assert main([str(slow), "--last", "2", "-o", str(tmp_path / "again"), "-q"]) == 0
     assert sorted(p.name for p in tmp_path.iterdir()) == ["again"]
+
+
+def test_orbax_checkpoints_in_object_storage_are_refused_in_one_line(runs, s3, capsys):
+    from conftest import put_tree
+
+    url = put_tree(s3, runs["f32"]["root"], "bkt/orbax")
+    assert main([url, "-q"]) == 1
+    newest = max(int(p.name) for p in runs["f32"]["root"].iterdir() if p.name.isdigit())
+    assert capsys.readouterr().err == (
+        f"streamavg: error: {url}/{newest}: Orbax checkpoints are read from local disk only "
+        "(tensorstore reads them); copy the step folder here first\n"
+    )
