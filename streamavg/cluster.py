@@ -20,7 +20,7 @@ import numpy as np
 
 from .blocks import flat_start
 from .engine import fold, open_all
-from .errors import UsageError, command_line, on_command_line
+from .errors import StreamavgError, UsageError, command_line, on_command_line
 from .formats import Tensor
 from .formats.base import Targets
 from .progress import bytes_bar
@@ -124,7 +124,13 @@ def _fold_group(
         checkpoints = open_all(files, stack)
         writers = {}
         for path in {path for path, _ in places.values()}:
-            writers[path] = OffsetWriter(Path(path), sums)
+            try:
+                writers[path] = OffsetWriter(Path(path), sums)
+            except OSError as e:
+                raise StreamavgError(
+                    f"{path}: a worker cannot write the output's temporary file "
+                    f"({e.strerror}); the workers must share the output's filesystem"
+                ) from None
             stack.callback(writers[path].close)
 
         def write(t: Tensor, index: tuple[slice, ...], values: np.ndarray) -> None:

@@ -6,6 +6,7 @@ import os
 import signal
 import threading
 import time
+from contextlib import ExitStack
 
 import h5py
 import numpy as np
@@ -16,6 +17,8 @@ from distributed import Client, LocalCluster, get_task_stream
 import streamavg
 from streamavg import cluster
 from streamavg.cli import main
+from streamavg.engine import open_all, to_average
+from streamavg.errors import StreamavgError
 
 CASES = {
     "k3-keras": ".keras",
@@ -178,3 +181,25 @@ def test_workers_read_inputs_in_s3_themselves(checkpoints, tmp_path, client, s3,
         streamavg.average([url], scheme="linear", output="s3://bkt/out/avg.keras", client=client)
     assert s3.cat("bkt/out/avg.keras") == local.output.read_bytes()
     assert {t["worker"] for t in tasks.data} == set(client.scheduler_info()["workers"])
+
+
+def test_a_worker_that_cannot_reach_the_output_says_so_in_one_line(checkpoints, tmp_path):
+    """What a task on a worker without the client's filesystem meets: no temporary file."""
+    files = sorted(str(p) for p in (checkpoints / "k3-weights").iterdir())
+    with ExitStack() as stack:
+        tensors = to_average(open_all(files, stack))
+    missing = str(tmp_path / "elsewhere" / "avg.weights.h5")
+    with pytest.raises(StreamavgError) as e:
+        cluster._fold_group(
+            files,
+            np.ones(len(files)),
+            tensors,
+            {t.name: (missing, 0) for t in tensors},
+            False,
+            False,
+            False,
+        )
+    assert str(e.value) == (
+        f"{missing}: a worker cannot write the output's temporary file (No such file or "
+        "directory); the workers must share the output's filesystem"
+    )

@@ -343,3 +343,12 @@ def test_inputs_that_may_not_be_read_are_refused_in_one_line(
         assert main([url, "-o", str(tmp_path / "avg.keras"), "-q"]) == 1
     assert capsys.readouterr().err == f"streamavg: error: {url}/model_5.keras: access denied\n"
     assert list(tmp_path.iterdir()) == []
+
+
+def test_inspect_reads_an_object_as_a_file(checkpoints, s3, capsys):
+    local = checkpoints / "k3-keras" / "model_5.keras"
+    url = put_tree(s3, checkpoints / "k3-keras", "bkt/run") + "/model_5.keras"
+    assert main(["inspect", str(local)]) == 0
+    here = capsys.readouterr().out
+    assert main(["inspect", url]) == 0
+    assert capsys.readouterr().out == here.replace(str(local), url)
