@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
 import tempfile
 import urllib.parse
 import urllib.request
@@ -352,3 +353,20 @@ def test_inspect_reads_an_object_as_a_file(checkpoints, s3, capsys):
     here = capsys.readouterr().out
     assert main(["inspect", url]) == 0
     assert capsys.readouterr().out == here.replace(str(local), url)
+
+
+@pytest.mark.parametrize(
+    "missing, argv, message",
+    [
+        ("upath", ["s3://bkt/run"], "s3://bkt/run: remote storage needs the [remote] extra: pip install 'streamavg[remote]'"),
+        ("fsspec", ["{ckpts}", "-o", "s3://bkt/avg.keras"], "s3://bkt/avg.keras: remote storage needs the [remote] extra: pip install 'streamavg[remote]'"),
+        ("distributed", ["{ckpts}", "--scheduler", "tcp://127.0.0.1:1"], "--scheduler needs Dask: pip install 'streamavg[dask]'"),
+    ],
+)  # fmt: skip
+def test_a_feature_without_its_extra_names_the_extra(
+    checkpoints, monkeypatch, capsys, missing, argv, message
+):
+    monkeypatch.setitem(sys.modules, missing, None)  # as if not installed: importing it fails
+    argv = [a.format(ckpts=checkpoints / "k3-keras") for a in argv]
+    assert main([*argv, "-q"]) == 2
+    assert capsys.readouterr().err == f"streamavg: error: {message}\n"
