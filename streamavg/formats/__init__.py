@@ -25,7 +25,7 @@ from pathlib import Path
 from types import ModuleType
 
 from ..errors import StreamavgError
-from ..remote import as_path, is_url
+from ..remote import as_path
 from . import hdf5, keras_dir, keras_sharded, keras_zip, orbax, safetensors
 from .base import PROVENANCE_KEY, Reader, Tensor, open_file, require_regular_file, stat_of
 
@@ -80,11 +80,6 @@ def open_checkpoint(
     """
     path = as_path(path)
     adapter = _adapter(path)
-    if is_url(path) and adapter is orbax:
-        raise StreamavgError(
-            f"{path}: Orbax checkpoints are read from local disk only (tensorstore reads "
-            "them); copy the step folder here first"
-        )
     if like is not None and like.format in adapter.SUFFIXES:
         return adapter.open_checkpoint(path, optimizer=optimizer, like=like)
     return adapter.open_checkpoint(path, optimizer=optimizer)

@@ -37,7 +37,6 @@ import json
 import math
 import os
 import re
-import shutil
 import threading
 from collections.abc import Collection, Iterator
 from contextlib import contextmanager
@@ -47,7 +46,8 @@ from typing import Any
 import numpy as np
 
 from ..errors import StreamavgError
-from .base import Reader, Tensor, Write, check_same, identity, stat_of
+from ..remote import as_path, errors, is_url
+from .base import Reader, Tensor, Write, check_same, copy_out, identity, stat_of
 
 SUFFIXES = {"orbax": ""}  # a folder: an Orbax root
 ACCEPTED: dict[str, tuple[str, ...]] = {}
@@ -129,6 +129,24 @@ def _context(ts, cache: int = 0):
         return _contexts["plain"]
 
 
+def _kvstore(folder: Path) -> dict:
+    """TensorStore's key-value store for `folder`: on disk, or in S3 or GCS (where the
+    environment's endpoint and region go too, as boto reads them)."""
+    if not is_url(folder):
+        return {"driver": "file", "path": os.fspath(folder) + "/"}
+    bucket, _, key = folder.path.partition("/")
+    if folder.protocol in ("s3", "s3a"):
+        found = {
+            "endpoint": os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL"),
+            "aws_region": os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION"),
+        }
+        options = {k: v for k, v in found.items() if v}
+        return {"driver": "s3", "bucket": bucket, "path": key + "/", **options}
+    if folder.protocol in ("gs", "gcs"):
+        return {"driver": "gcs", "bucket": bucket, "path": key + "/"}
+    raise StreamavgError(f"{folder}: Orbax checkpoints are read from disk, S3 or GCS only")
+
+
 def _why(e: BaseException) -> str:
     """TensorStore's reason, without the spec it appends."""
     text = str(e).strip().split(" [tensorstore_spec=", 1)[0]
@@ -198,7 +216,7 @@ class Checkpoint(Reader):
     folder = True
 
     def __init__(self, path: str | os.PathLike, *, optimizer: bool = False) -> None:
-        self.path = Path(path)
+        self.path = as_path(path)
         stat_of(self.path)
         step = step_folder(self.path)
         if step is None:
@@ -233,8 +251,16 @@ class Checkpoint(Reader):
         chunks = [_chunk_bytes(self._arrays[n]) for n in self.tensors if not self.whole_reads(n)]
         self._reads = _context(self._ts, max(chunks) + CACHE_SLACK if chunks else 0)
 
-    def _files(self) -> dict[str, tuple[int, ...]]:
+    def _files(self) -> dict[str, tuple]:
         """Every file of the step, with what must not change while it is read."""
+        if is_url(self.step):  # its objects' sizes and ETags, asked of the store
+            with errors(self.step):
+                self.step.fs.invalidate_cache(self.step.path)
+                listed = self.step.fs.find(self.step.path, detail=True)
+            root = self.step.path.rstrip("/") + "/"
+            return {
+                k.removeprefix(root): (0, 0, v["size"], v.get("ETag")) for k, v in listed.items()
+            }
         found = {}
         try:
             for root, _, names in os.walk(self.step):
@@ -246,15 +272,11 @@ class Checkpoint(Reader):
         return found
 
     def _spec(self, leaf: _Leaf) -> dict:
-        pytree = os.fspath(self.step / PYTREE)
+        pytree = self.step / PYTREE
         if self._use_ocdbt:
-            kvstore = {
-                "driver": "ocdbt",
-                "base": {"driver": "file", "path": pytree + "/"},
-                "path": leaf.param + "/",
-            }
+            kvstore = {"driver": "ocdbt", "base": _kvstore(pytree), "path": leaf.param + "/"}
         else:
-            kvstore = {"driver": "file", "path": os.path.join(pytree, leaf.param) + "/"}
+            kvstore = _kvstore(pytree / leaf.param)
         return {
             "driver": "zarr3" if self._use_zarr3 else "zarr",
             "kvstore": kvstore,
@@ -310,9 +332,10 @@ class Checkpoint(Reader):
             raise StreamavgError(f"{self.path}: {name}: unreadable ({_why(e)})") from None
 
     def check_unchanged(self) -> None:
-        for rel, known in self._identity.items():
-            check_same(self.step / rel, known)
-        if len(self._files()) != len(self._identity):
+        if not is_url(self.step):
+            for rel, known in self._identity.items():
+                check_same(self.step / rel, known)
+        if self._files() != self._identity:
             raise StreamavgError(
                 f"{self.path}: changed while being averaged (still being written?)"
             )
@@ -334,8 +357,7 @@ class Checkpoint(Reader):
         out.mkdir()
         for entry in sorted(self.step.iterdir()):  # _CHECKPOINT_METADATA, model_config/ ...
             if entry.name not in (PYTREE, PROVENANCE_FILE):
-                copy = shutil.copytree if entry.is_dir() else shutil.copyfile
-                copy(entry, out / entry.name)
+                copy_out(entry, out / entry.name)
         kept = [leaf for leaf in self._leaves.values() if optimizer or leaf.part != "optimizer"]
         self._open([leaf.name for leaf in kept])  # all at once, before one by one
         source = {leaf.name: self._array(leaf.name) for leaf in kept}
@@ -440,7 +462,7 @@ class Checkpoint(Reader):
                 (pytree / ARRAY_METADATAS / f.name).write_text(json.dumps(data))
         for name in ("_strings.json", "commit_success.txt"):
             if (source / name).is_file():
-                shutil.copyfile(source / name, pytree / name)
+                copy_out(source / name, pytree / name)
 
     def close(self) -> None:
         self._arrays.clear()
