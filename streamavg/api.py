@@ -133,7 +133,8 @@ def run(
             url = str(dest)
             if url in map(str, p.files):
                 raise UsageError(f"{url}: output is one of the inputs")
-            remote.check_destination(url, overwrite)
+            if url != str(output):  # a default name: not checked above
+                remote.check_destination(url, overwrite)
             tmp = stack.enter_context(tempfile.TemporaryDirectory(prefix="streamavg-"))
             dest = Path(tmp) / dest.name
         check_output(dest, p.files, overwrite, folder=newest.format in FOLDERS)

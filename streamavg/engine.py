@@ -301,7 +301,8 @@ def fold(
             ck.prefetch(t.name, index, merge)
 
     piece_bytes = piece_layout(max_memory)[1] * 8 * len(checkpoints)  # all inputs, at most
-    ahead = (prefetch, max(1, READ_AHEAD // piece_bytes))
+    remote = any(is_url(ck.path) for ck in checkpoints)  # a disk reads ahead by itself
+    ahead = (prefetch, max(1, READ_AHEAD // piece_bytes)) if remote else None
     try:
         _each_piece(tensors, piece, max_memory, bar, whole=whole, ahead=ahead)
     finally:

@@ -370,3 +370,13 @@ def test_a_feature_without_its_extra_names_the_extra(
     argv = [a.format(ckpts=checkpoints / "k3-keras") for a in argv]
     assert main([*argv, "-q"]) == 2
     assert capsys.readouterr().err == f"streamavg: error: {message}\n"
+
+
+def test_an_input_object_is_never_the_output(checkpoints, s3, capsys):
+    url = put_tree(s3, checkpoints / "k3-keras", "bkt/run")
+    before = s3.cat("bkt/run/model_5.keras")
+    assert main([url, "-o", f"{url}/model_5.keras", "--overwrite", "-q"]) == 2
+    assert capsys.readouterr().err == (
+        f"streamavg: error: {url}/model_5.keras: output is one of the inputs\n"
+    )
+    assert s3.cat("bkt/run/model_5.keras") == before
