@@ -380,3 +380,25 @@ def test_an_input_object_is_never_the_output(checkpoints, s3, capsys):
         f"streamavg: error: {url}/model_5.keras: output is one of the inputs\n"
     )
     assert s3.cat("bkt/run/model_5.keras") == before
+
+
+def test_metric_first_names_in_a_bucket_are_ordered_by_epoch(checkpoints, tmp_path, s3):
+    """ModelCheckpoint's `model-{val_loss:.2f}-{epoch:02d}.keras`: 0.53 is never an epoch,
+    in a bucket as on disk (the names' readings are taken below their common folder)."""
+    losses = {1: "0.91", 2: "0.53", 3: "0.61", 4: "0.47", 5: "0.50"}
+    (tmp_path / "run").mkdir()
+    for e, loss in losses.items():
+        shutil.copy(
+            checkpoints / "k3-keras" / f"model_{e}.keras",
+            tmp_path / "run" / f"model-{loss}-{e:02d}.keras",
+        )
+    url = put_tree(s3, tmp_path / "run", "bkt/run")
+    there = select_checkpoints([url], last=3)
+    assert [p.name for p in there.paths] == [
+        "model-0.61-03.keras",
+        "model-0.47-04.keras",
+        "model-0.50-05.keras",
+    ]
+    assert [p.name for p in there.paths] == [
+        p.name for p in select_checkpoints([tmp_path / "run"], last=3).paths
+    ]
