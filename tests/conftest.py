@@ -58,6 +58,11 @@ def snapshot(directory: Path) -> dict[str, str]:
     }
 
 
+def floating(dtype: np.dtype) -> bool:
+    """Whether `dtype` holds floats: numpy's own, or ml_dtypes' (bfloat16's kind is "V")."""
+    return dtype.kind == "f" or dtype.name.startswith(("bfloat16", "float8"))
+
+
 def ulp_distance(a: np.ndarray, b: np.ndarray) -> int:
     """Largest distance in units in the last place between two float arrays of one dtype."""
     assert a.dtype == b.dtype and a.shape == b.shape

@@ -57,6 +57,26 @@ class Targets(NamedTuple):
     checksums: dict[int, tuple[int, int]] | None
 
 
+class Companion(NamedTuple):
+    """A file that travels with a checkpoint's weights (config, tokenizer, assets): copied
+    from the newest checkpoint into the output, never held whole in memory.
+
+    `role` says what an average does with it: "meaning" files give the weights their
+    meaning (the architecture in a model config, vocabularies and other assets, tokenizer
+    files) and must be the same in every checkpoint; "copy" files (a README, a generation
+    config) are taken from the newest; "state" files (optimizer, scheduler, RNG state) are
+    training state, left out unless the newest's optimizer state is kept. A JSON companion
+    (`json`) is compared as a document, without the keys that change from save to save
+    (versions, dates, auto-generated names; see `companions.VOLATILE`).
+    """
+
+    name: str  # as messages name it, relative to the checkpoint: "config.json", "assets/vocab.txt"
+    size: int
+    chunks: Callable[[], Iterator[bytes]]  # its bytes, in pieces of at most a few MiB
+    role: str = "meaning"
+    json: bool = False
+
+
 class Reader:
     """An open checkpoint of some container: its tensors, and block reads into buffers.
 
@@ -122,6 +142,10 @@ class Reader:
     def provenance(self) -> dict | None:
         """What an earlier streamavg run recorded in this checkpoint, if it made it."""
         return None
+
+    def companions(self) -> list[Companion]:
+        """The files that travel with the weights (see `Companion`), in a stable order."""
+        return []
 
     def whole_reads(self, name: str) -> bool:
         """Whether reading any block of tensor `name` decodes all of it (one compressed

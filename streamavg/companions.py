@@ -1,0 +1,141 @@
+"""The files that give a checkpoint's weights their meaning, compared across checkpoints.
+
+An average of weights is meaningful only if every checkpoint reads them the same way:
+the same architecture in the model config, the same vocabulary, the same tokenizer.
+Those companion files must be the same in every checkpoint (JSON documents without the
+keys that change from save to save; any other file byte for byte, a piece at a time),
+or the run is refused, naming the file and its first difference; with
+`companions="newest"`, the newest's are taken and a note says so.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import re
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+from .errors import StreamavgError, UsageError, option
+from .formats.base import Companion, Reader
+
+#: What to do with companion files that differ between checkpoints.
+COMPANION_POLICIES = ("equal", "newest")
+#: JSON keys that change from save to save without changing what the weights mean: tool
+#: versions, dates, auto-generated layer names (tensors are matched on their own), the
+#: compile and training configuration (a learning rate changed by a schedule).
+VOLATILE = re.compile(
+    r"^(name|date_saved|compile_config|training_config|_name_or_path|_commit_hash|.*_version)$"
+)
+MAX_JSON = 64 << 20  # bytes: a config is small; a larger JSON companion is compared as bytes
+
+
+def check_companions(checkpoints: Sequence[Reader], policy: str = "equal") -> list[str]:
+    """Refuse checkpoints whose meaning-giving companions differ from the newest's (or,
+    with `policy` "newest", return notes naming them); the newest comes last."""
+    if policy not in COMPANION_POLICIES:
+        raise UsageError(f"{option('companions')} must be one of {', '.join(COMPANION_POLICIES)}")
+    newest = checkpoints[-1]
+    ours = {c.name: c for c in newest.companions() if c.role == "meaning"}
+    differing: dict[str, str] = {}
+    for ck in checkpoints[:-1]:
+        theirs = {c.name: c for c in ck.companions() if c.role == "meaning"}
+        for name in sorted(ours.keys() | theirs.keys()):
+            if name in differing:
+                continue
+            if name not in theirs or name not in ours:
+                where = ck.path if name not in theirs else newest.path
+                why = f"{where}: {name}: missing (present in {_other(ck, newest, where)})"
+            else:
+                why = _difference(theirs[name], ours[name])
+                why = why and f"{ck.path}: {name}: {why} (in {newest.path})"
+            if why is None:
+                continue
+            if policy == "equal":
+                raise StreamavgError(
+                    f"{why}; the weights would be averaged across different models (pass "
+                    f"{option('companions', 'newest')} to take the newest's)"
+                )
+            differing[name] = ck.path
+    return [
+        f"{name} differs in {path}: taken from the newest, {newest.path}"
+        for name, path in differing.items()
+    ]
+
+
+def _other(a: Reader, b: Reader, where: object) -> object:
+    return b.path if where == a.path else a.path
+
+
+def _difference(mine: Companion, ref: Companion) -> str | None:
+    """How companion `mine` differs from `ref`: the first differing JSON key, or the
+    first differing byte; None if they are the same."""
+    if mine.json and ref.json and max(mine.size, ref.size) <= MAX_JSON:
+        a, b = _document(mine), _document(ref)
+        return _first_difference(a, b, "")
+    if mine.size != ref.size:
+        return f"{mine.size:,} bytes here, {ref.size:,}"
+    offset = 0
+    for x, y in itertools.zip_longest(_pieces(mine), _pieces(ref), fillvalue=b""):
+        if x != y:
+            at = next(i for i, (p, q) in enumerate(zip(x, y, strict=False)) if p != q)
+            return f"differs from byte {offset + at:,}"
+        offset += len(x)
+    return None
+
+
+def _pieces(c: Companion) -> Iterator[bytes]:
+    """The bytes of `c` in pieces of one size (the sources' pieces may differ)."""
+    size, pending = 1 << 20, b""
+    for chunk in c.chunks():
+        pending += chunk
+        while len(pending) >= size:
+            yield pending[:size]
+            pending = pending[size:]
+    if pending:
+        yield pending
+
+
+def _document(c: Companion) -> Any:
+    try:
+        return json.loads(b"".join(c.chunks()))
+    except (ValueError, RecursionError):
+        return None  # not JSON: compared as a value, so two broken copies still compare
+
+
+def _first_difference(a: Any, b: Any, path: str) -> str | None:
+    """The first place where JSON values `a` and `b` differ, outside VOLATILE keys."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        for key in sorted(a.keys() | b.keys(), key=str):
+            if VOLATILE.match(str(key)):
+                continue
+            where = f"{path}.{key}" if path else str(key)
+            if key not in a or key not in b:
+                here, there = a.get(key, _MISSING), b.get(key, _MISSING)
+                return f"{where} is {_short(here)} here, {_short(there)}"
+            found = _first_difference(a[key], b[key], where)
+            if found:
+                return found
+        return None
+    if isinstance(a, list) and isinstance(b, list):
+        if len(a) != len(b):
+            return f"{path or 'the document'} has {len(a)} items here, {len(b)}"
+        for i, (x, y) in enumerate(zip(a, b, strict=True)):
+            found = _first_difference(x, y, f"{path}[{i}]")
+            if found:
+                return found
+        return None
+    if a != b or type(a) is not type(b):
+        return f"{path or 'the document'} is {_short(a)} here, {_short(b)}"
+    return None
+
+
+_MISSING = object()
+
+
+def _short(value: Any) -> str:
+    """A JSON value as a message shows it: cut short if long, `missing` if absent."""
+    if value is _MISSING:
+        return "missing"
+    text = json.dumps(value, sort_keys=True)
+    return text if len(text) <= 60 else text[:57] + "..."
