@@ -204,7 +204,7 @@ def test_inspect_names_the_formats(made, capsys):
     assert f"model      {BIG}" in out and "bfloat16" in out
     folder = made.root / "sharded" / "checkpoint-1000"
     assert main(["inspect", str(folder)]) == 0
-    assert capsys.readouterr().out.startswith(f"{folder}: safetensors-dir, 7 tensors, ")
+    assert capsys.readouterr().out.startswith(f"{folder}: huggingface, 7 tensors, ")
 
 
 def test_a_safetensors_file_under_another_name_is_read_by_its_content(made, tmp_path):
@@ -499,8 +499,7 @@ SHARDED_HOSTILE = {  # folder -> (damage, the refusal, with {d} the folder)
     ),
     "two indexes": (
         lambda d: shutil.copy(d / INDEX, d / "other.safetensors.index.json"),
-        "{d}: holds 2 safetensors indexes (" + INDEX + ", other.safetensors.index.json); "
-        "a checkpoint has one",
+        "{d}/" + SHARDS[0] + ": listed by both " + INDEX + " and other.safetensors.index.json",
     ),
     "index over the limit": (
         lambda d: os.truncate(d / INDEX, 100_000_001),

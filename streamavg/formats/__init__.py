@@ -26,7 +26,7 @@ from types import ModuleType
 
 from ..errors import StreamavgError
 from ..remote import as_path
-from . import hdf5, keras_dir, keras_sharded, keras_zip, orbax, safetensors
+from . import bundle, hdf5, keras_sharded, keras_zip, orbax, safetensors
 from .base import PROVENANCE_KEY, Reader, Tensor, open_file, require_regular_file, stat_of
 
 __all__ = [
@@ -37,6 +37,7 @@ __all__ = [
     "Reader",
     "Tensor",
     "averaged_by_streamavg",
+    "being_written",
     "is_checkpoint_dir",
     "open_checkpoint",
     "parts",
@@ -44,7 +45,7 @@ __all__ = [
 ]
 
 #: The adapters, in the order they are asked to claim a path.
-ADAPTERS: tuple[ModuleType, ...] = (keras_dir, keras_sharded, keras_zip, safetensors, orbax, hdf5)
+ADAPTERS: tuple[ModuleType, ...] = (bundle, keras_sharded, keras_zip, safetensors, orbax, hdf5)
 SUFFIXES = {f: s for a in ADAPTERS for f, s in a.SUFFIXES.items()}
 ACCEPTED = {f: s for a in ADAPTERS for f, s in a.ACCEPTED.items()}
 FOLDERS = tuple(f for f, s in SUFFIXES.items() if not s)  # checkpoints that are folders
@@ -99,6 +100,11 @@ def averaged_by_streamavg(path: str | os.PathLike) -> bool:
 def is_checkpoint_dir(path: Path) -> bool:
     """Whether folder `path` is itself one checkpoint (an unzipped `.keras`, ...)."""
     return path.is_dir() and any(a.claims(path, b"") for a in ADAPTERS)
+
+
+def being_written(path: Path) -> str | None:
+    """Why folder `path`, which is no checkpoint, looks like one still being written."""
+    return bundle.missing(path)
 
 
 def parts(directory: Path) -> dict[str, Path]:

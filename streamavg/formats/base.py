@@ -161,6 +161,11 @@ class Reader:
         """What tensor `name` is called in the file (the same, unless the adapter renamed it)."""
         return name
 
+    def check_heaps(self) -> None:
+        """Refuse metadata that a library would loop on forever when decoding it (see
+        `hdf5.Checkpoint.check_heaps`): call before a library reads the checkpoint's
+        attributes (Keras loading it)."""
+
     def settle(self, release: bool) -> None:
         """Let go of what block reads do not need, once the checkpoint has been checked; with
         `release`, close every file between reads (more checkpoints than open files allow)."""

@@ -31,6 +31,7 @@ from ..publish import OffsetWriter
 from ..remote import METADATA_MERGE, as_path
 from .base import (
     PROVENANCE_KEY,
+    Companion,
     LocalFile,
     Reader,
     Targets,
@@ -463,6 +464,27 @@ class Checkpoint(Reader):
             return self._like.provenance
         value = self.h5.attrs.get(PROVENANCE_KEY)
         return None if value is None else json.loads(_text(value))
+
+    def companions(self) -> list[Companion]:
+        """A legacy full model's architecture: its `model_config` attribute (JSON). Not its
+        `training_config`, whose learning rate changes as the model trains."""
+        if self.format != "legacy-h5":
+            return []
+        if self._like is not None:
+            return self._like.companions()  # the same bytes
+        self.check_heaps()  # before an attribute is decoded
+        try:
+            with ExitStack() as stack:  # reopened if `settle` let the handle go
+                h5 = self.h5 or stack.enter_context(
+                    h5py.File(self._member or self._source.handle(), "r")
+                )
+                value = h5.attrs.get("model_config")
+        except HDF5_ERRORS as e:
+            raise StreamavgError(f"{self.path}: corrupt HDF5 ({reason(e)})") from None
+        if value is None:
+            return []
+        config = _text(value).encode()
+        return [Companion("model_config", len(config), lambda: iter((config,)), json=True)]
 
     def write_into(
         self, tmp: Path, fresh: Collection[str], *, optimizer: bool, provenance: dict

@@ -196,6 +196,11 @@ class Sharded(Reader):
                     f"weight_map does not list for {group}"
                 )
 
+    @property
+    def parts(self) -> list[str]:
+        """The file names it spans: the manifest, then its shards."""
+        return [self.path.name, *(s.path.name for s in self.shards)]
+
     def read(self, name: str, index: tuple[slice, ...], out: np.ndarray) -> None:
         self._owner[name].read(name, index, out)
 
@@ -239,13 +244,8 @@ class Sharded(Reader):
         publishing into one folder take turns (a lock on it), so that no run's shards end
         up under another's manifest."""
         fresh = set(fresh)
-        kept = [
-            s
-            for s in self.shards
-            if optimizer or any(t.part != "optimizer" for t in s.tensors.values())
-        ]
-        base = dest.stem.replace(".weights", "")  # as ShardedH5IOStore names its shards
-        targets = {s: dest.with_name(f"{base}_{k:05}.weights.h5") for k, s in enumerate(kept)}
+        kept = self._kept(optimizer)
+        targets = {s: dest.with_name(_shard_name(dest, k)) for k, s in enumerate(kept)}
         _refuse_taken(dest, list(targets.values()), overwrite)
         manifest = self._manifest_like(targets, optimizer, provenance)
         moved: list[Path] = []
@@ -257,23 +257,7 @@ class Sharded(Reader):
                 need = sum(shard.tensors[n].nbytes for n in fresh & shard.tensors.keys())
                 tmps[shard] = stack.enter_context(_moved(targets[shard], overwrite, need, moved))
             try:
-                with ExitStack() as files:
-                    writers: dict[str, Write] = {}
-                    places: dict[str, tuple[Path, int]] = {}
-                    for shard in kept:
-                        mine = fresh & shard.tensors.keys()
-                        writer = files.enter_context(
-                            hdf5.h5_like(
-                                shard, tmps[shard], mine, optimizer=optimizer, provenance=provenance
-                            )
-                        )
-                        writers |= dict.fromkeys(mine, writer)
-                        places |= writer.targets.places
-
-                    def write(name: str, values: np.ndarray, index: tuple[slice, ...] = ()) -> None:
-                        writers[name](name, values, index)
-
-                    write.targets = Targets(places, None)  # each shard, its own file
+                with self._shards_written(tmps, fresh, optimizer, provenance) as write:
                     yield write
                 manifest_tmp.write_text(json.dumps(manifest, indent=4))
                 _lock(dest.parent, until=lock)
@@ -281,6 +265,53 @@ class Sharded(Reader):
                     _remove_old(dest, set(targets.values()))
             except WRITE_ERRORS as e:  # named for the output, not the shard it failed in
                 raise StreamavgError(f"{dest}: cannot write ({publish.why(e)})") from None
+
+    def _kept(self, optimizer: bool) -> list[hdf5.Checkpoint]:
+        """The shards an output keeps: all, or those with model tensors."""
+        return [
+            s
+            for s in self.shards
+            if optimizer or any(t.part != "optimizer" for t in s.tensors.values())
+        ]
+
+    @contextmanager
+    def _shards_written(
+        self,
+        paths: dict[hdf5.Checkpoint, Path],
+        fresh: set[str],
+        optimizer: bool,
+        provenance: dict,
+    ) -> Iterator[Write]:
+        """Write each shard of `paths` like this one's shard, at its path there; yield
+        `write`, which fills the `fresh` tensors in whichever shard holds them."""
+        with ExitStack() as files:
+            writers: dict[str, Write] = {}
+            places: dict[str, tuple[Path, int]] = {}
+            for shard, path in paths.items():
+                mine = fresh & shard.tensors.keys()
+                writer = files.enter_context(
+                    hdf5.h5_like(shard, path, mine, optimizer=optimizer, provenance=provenance)
+                )
+                writers |= dict.fromkeys(mine, writer)
+                places |= writer.targets.places
+
+            def write(name: str, values: np.ndarray, index: tuple[slice, ...] = ()) -> None:
+                writers[name](name, values, index)
+
+            write.targets = Targets(places, None)  # each shard, its own file
+            yield write
+
+    @contextmanager
+    def write_into(
+        self, tmp: Path, fresh: Collection[str], *, optimizer: bool, provenance: dict
+    ) -> Iterator[Write]:
+        """The manifest at `tmp` and its shards beside it, in a folder being written (a
+        KerasHub preset): named as Keras names them, each laid out like this one's."""
+        kept = self._kept(optimizer)
+        paths = {s: tmp.with_name(_shard_name(tmp, k)) for k, s in enumerate(kept)}
+        with self._shards_written(paths, set(fresh), optimizer, provenance) as write:
+            yield write
+        tmp.write_text(json.dumps(self._manifest_like(paths, optimizer, provenance), indent=4))
 
     def _manifest_like(
         self, targets: dict[hdf5.Checkpoint, Path], optimizer: bool, provenance: dict
@@ -303,6 +334,11 @@ class Sharded(Reader):
             PROVENANCE_KEY: provenance,
         }
         return {**self._manifest, "metadata": metadata, "weight_map": weight_map}
+
+
+def _shard_name(manifest: Path, k: int) -> str:
+    """Shard `k` of `manifest`, as Keras's ShardedH5IOStore names it: `x_00000.weights.h5`."""
+    return f"{manifest.stem.replace('.weights', '')}_{k:05}.weights.h5"
 
 
 def _stored_bits(shard: hdf5.Checkpoint, optimizer: bool) -> int:

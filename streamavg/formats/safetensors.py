@@ -1,5 +1,6 @@
-"""Safetensors checkpoints: one `.safetensors` file, or a Hugging Face sharded folder (a
-`*.safetensors.index.json` whose `weight_map` names each tensor's shard, and the shards).
+"""Safetensors weights: one `.safetensors` file, or a sharded set (a `*.safetensors.index.json`
+whose `weight_map` names each tensor's shard, and the shards beside it), which a Hugging Face
+folder holds (see `bundle`).
 
 A file is an 8-byte little-endian header length, a JSON header (each tensor's dtype, shape
 and `data_offsets` from the start of the data), then the tensors' bytes, tiling the data
@@ -33,14 +34,13 @@ from .base import (
     Tensor,
     Write,
     check_same,
-    copy_out,
     identity,
     open_file,
     require_regular_file,
     stat_of,
 )
 
-SUFFIXES = {"safetensors": ".safetensors", "safetensors-dir": ""}
+SUFFIXES = {"safetensors": ".safetensors"}
 ACCEPTED = {"safetensors": (".safetensors",)}
 SUFFIX = ".safetensors"
 INDEX_SUFFIX = ".safetensors.index.json"  # model.safetensors.index.json, as transformers names it
@@ -70,26 +70,24 @@ _SURROGATE = re.compile("[\ud800-\udfff]")  # json.loads lets "\ud800" through; 
 
 
 def claims(path: Path, head: bytes) -> bool:
-    """A folder holding a safetensors index; a file named `*.safetensors`, or whose first
-    bytes are a plausible header length followed by the header's opening brace."""
-    if path.is_dir():
-        return bool(_indexes(path))
+    """A file named `*.safetensors`, or whose first bytes are a plausible header length
+    followed by the header's opening brace (a folder of them is a `bundle`)."""
+    if not head and path.is_dir():
+        return False
     if path.name.endswith(SUFFIX):
         return True
     return len(head) > 8 and head[8:9] == b"{" and struct.unpack("<Q", head[:8])[0] <= MAX_HEADER
 
 
 def open_checkpoint(path: Path, *, optimizer: bool = False, like: Reader | None = None) -> Reader:
-    """A sharded folder or one file. Safetensors hold no optimizer state to list, and a
-    header is parsed as fast as it could be compared with `like`'s, so both are ignored."""
-    return Folder(path) if path.is_dir() else Checkpoint(path)
+    """One file. Safetensors hold no optimizer state to list, and a header is parsed as fast
+    as it could be compared with `like`'s, so both are ignored."""
+    return Checkpoint(path)
 
 
 def averaged(path: Path) -> bool:
-    """Whether `path` carries our provenance; only its header (or index) is read."""
+    """Whether `path` carries our provenance; only its header is read."""
     try:
-        if path.is_dir():
-            return PROVENANCE_KEY in _read_index(_index_of(path))[1]
         with _File(path) as file:
             return PROVENANCE_KEY in (file.metadata or {})
     except StreamavgError:
@@ -100,7 +98,7 @@ def parts(directory: Path) -> dict[str, Path]:
     """The index files in `directory` and the shards they list, each owned by the folder;
     an index that cannot be read lists none (it is refused when the folder is opened)."""
     found = {}
-    for index in _indexes(directory):
+    for index in indexes(directory):
         try:
             weight_map = _read_index(index)[0]
         except StreamavgError:
@@ -342,27 +340,25 @@ class Checkpoint(_Safetensors):
             yield write
 
 
-class Folder(_Safetensors):
-    """An open Hugging Face sharded folder: its index and every shard that it lists, each
+class Sharded(_Safetensors):
+    """Sharded safetensors weights: an index and every shard that it lists beside it, each
     tensor in the shard the `weight_map` names, and there only."""
 
-    format = "safetensors-dir"
-    folder = True
+    format = "safetensors-sharded"
 
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self._index = _index_of(path)
-        st = stat_of(self._index)
+    def __init__(self, index: Path) -> None:
+        self.path = self._index = index
+        st = stat_of(index)
         self._index_identity = identity(st)
-        self._weight_map, self._metadata, self._document = _read_index(self._index)
+        self._weight_map, self._metadata, self._document = _read_index(index)
         self._files: dict[str, _File] = {}
         try:
             for shard in sorted(set(self._weight_map.values())):
-                if not (path / shard).exists():
+                if not (index.parent / shard).exists():
                     raise StreamavgError(
-                        f"{path / shard}: listed in {self._index.name}, but missing"
+                        f"{index.parent / shard}: listed in {index.name}, but missing"
                     )
-                self._files[shard] = _File(path / shard)
+                self._files[shard] = _File(index.parent / shard)
             self._check_placement()
         except BaseException:
             self.close()
@@ -370,6 +366,11 @@ class Folder(_Safetensors):
         self._list(self._files)
         self.size = st.st_size + sum(f.size for f in self._files.values())
         self.open_files = len(self._files)
+
+    @property
+    def parts(self) -> list[str]:
+        """The file names it spans: the index, then its shards."""
+        return [self._index.name, *self._files]
 
     def _check_placement(self) -> None:
         """Every tensor in one shard, the one the `weight_map` names for it."""
@@ -407,26 +408,15 @@ class Folder(_Safetensors):
     def write_into(
         self, tmp: Path, fresh: Collection[str], *, optimizer: bool, provenance: dict
     ) -> Iterator[Write]:
-        """Shards named and laid out as the newest's, and its index with our provenance
-        in its metadata, written as transformers writes one (sorted, indented). The folder's
-        other files (config.json, tokenizer files) come along, so that `from_pretrained`
-        loads it, but not training state (optimizer, scheduler, RNG) nor other weights."""
-        for entry in sorted(self.path.iterdir()):
-            other_weights = entry.name in self._files or entry == self._index
-            if entry.is_file() and not other_weights and not _training_state(entry.name):
-                copy_out(entry, tmp / entry.name)
+        """The index at `tmp`, with our provenance in its metadata, written as transformers
+        writes one (sorted, indented), and the shards beside it, named and laid out as
+        this one's."""
         document = {**self._document, "metadata": {**self._metadata, PROVENANCE_KEY: provenance}}
         text = json.dumps(document, indent=2, sort_keys=True) + "\n"
-        (tmp / self._index.name).write_text(text, encoding="utf-8")
-        shards = {tmp / shard: file for shard, file in self._files.items()}
+        tmp.write_text(text, encoding="utf-8")
+        shards = {tmp.parent / shard: file for shard, file in self._files.items()}
         with _written(shards, fresh, provenance) as write:
             yield write
-
-
-def _training_state(name: str) -> bool:
-    """Files of a training run that an average must not carry: optimizer, scheduler and
-    RNG state, the trainer's log, and weights in other formats."""
-    return name == "trainer_state.json" or name.endswith((".pt", ".pth", ".bin", SUFFIX))
 
 
 def _provenance(path: Path, metadata: dict, where: str) -> dict | None:
@@ -443,19 +433,9 @@ def _provenance(path: Path, metadata: dict, where: str) -> dict | None:
     return found
 
 
-def _indexes(directory: Path) -> list[Path]:
+def indexes(directory: Path) -> list[Path]:
+    """The safetensors indexes in `directory`."""
     return sorted(p for p in directory.glob(f"*{INDEX_SUFFIX}") if p.is_file())
-
-
-def _index_of(path: Path) -> Path:
-    """The one index of folder `path`."""
-    found = _indexes(path)
-    if len(found) != 1:
-        names = ", ".join(p.name for p in found)
-        raise StreamavgError(
-            f"{path}: holds {len(found)} safetensors indexes ({names}); a checkpoint has one"
-        )
-    return found[0]
 
 
 def _read_index(index: Path) -> tuple[dict[str, str], dict, dict]:
