@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import os
+import re
 import tempfile
 import warnings
 from collections.abc import Iterable, Sequence
@@ -21,6 +22,7 @@ import numpy as np
 from . import remote
 from ._version import __version__
 from .cluster import fold_on
+from .companions import check_companions
 from .engine import MIN_MEMORY, fold, model_tensors, open_all, taken_whole, to_average
 from .errors import UsageError, option
 from .formats import FOLDERS, SUFFIXES, open_checkpoint
@@ -102,16 +104,20 @@ def run(
     overwrite: bool = False,
     allow_nonfinite: bool = False,
     integers: str = "equal",
+    companions: str = "equal",
     max_memory: int | None = None,
     progress: bool = False,
     client: Any = None,
 ) -> Result:
-    """Average the plan's checkpoints into `output`, a file in their own format.
+    """Average the plan's checkpoints into `output`, a file or folder in their own format.
 
     Integer weights (counters, quantized kernels) cannot be averaged: with `integers`
     "equal" they must be the same in every checkpoint; with "newest", a layer whose
     integers differ is taken whole from the newest checkpoint, its float weights too (a
     quantized kernel's scale), so that no layer is half averaged.
+    The files that give the weights their meaning (model config, vocabulary, tokenizer)
+    must be the same in every checkpoint; with `companions` "newest" the newest's are
+    taken, with a note (see :mod:`streamavg.companions`).
     `max_memory` caps the working buffers in bytes (default: a few MiB per core, which
     is fastest); memory never grows with the model's size or the number of checkpoints.
     With a Dask `client`, the fold runs on its cluster (see `streamavg.cluster`), into the
@@ -138,10 +144,11 @@ def run(
             tmp = stack.enter_context(tempfile.TemporaryDirectory(prefix="streamavg-"))
             dest = Path(tmp) / dest.name
         check_output(dest, p.files, overwrite, folder=newest.format in FOLDERS)
+        notes = _meaning(checkpoints, companions)
         averaged = to_average(checkpoints, integers=integers, max_memory=max_memory)
         whole = taken_whole(newest, averaged)
         why = f"integers differ, so taken whole from {newest.path}"
-        notes = (f"{', '.join(whole)}: {why}",) if whole else ()
+        notes += (f"{', '.join(whole)}: {why}",) if whole else ()
         provenance = {
             "streamavg": __version__,
             "scheme": p.scheme,
@@ -178,6 +185,21 @@ def run(
     return Result(dest, p.files, p.weights, notes)
 
 
+def _meaning(checkpoints: Sequence, policy: str) -> tuple[str, ...]:
+    """Notes on what gives the weights their meaning: companions that differ (refused
+    unless `policy` is "newest"), and LoRA factors, whose average is not that of updates."""
+    notes = check_companions(checkpoints, policy)
+    if len(checkpoints) > 1 and any(LORA.search(n) for n in checkpoints[-1].tensors):
+        notes.append(
+            "LoRA adapters: A and B are averaged each on its own, and the product of the "
+            "averages is not the average of the updates B·A (average merged weights for that)"
+        )
+    return tuple(notes)
+
+
+LORA = re.compile(r"(^|[./])lora_[AB]([./]|$)")  # PEFT's names for the factors
+
+
 def _relative(files: Sequence[Path]) -> list[str]:
     """The files below their common directory: names, or `epoch_3/model.keras` and such."""
     root = common_dir(files)
@@ -192,6 +214,7 @@ def average(
     overwrite: bool = False,
     allow_nonfinite: bool = False,
     integers: str = "equal",
+    companions: str = "equal",
     max_memory: int | None = None,
     progress: bool = False,
     client: Any = None,
@@ -209,6 +232,7 @@ def average(
         overwrite=overwrite,
         allow_nonfinite=allow_nonfinite,
         integers=integers,
+        companions=companions,
         max_memory=max_memory,
         progress=progress,
         client=client,
@@ -220,6 +244,7 @@ def average_tensors(
     *,
     allow_nonfinite: bool = False,
     integers: str = "equal",
+    companions: str = "equal",
     **plan_args: Any,
 ) -> dict[str, np.ndarray]:
     """The averaged model tensors in memory, by their names in the newest file (for small
@@ -227,16 +252,20 @@ def average_tensors(
     checkpoint; optimizer state is left out.
     """
     return plan_tensors(
-        plan(paths, **plan_args), allow_nonfinite=allow_nonfinite, integers=integers
+        plan(paths, **plan_args),
+        allow_nonfinite=allow_nonfinite,
+        integers=integers,
+        companions=companions,
     )
 
 
 def plan_tensors(
-    p: Plan, *, allow_nonfinite: bool = False, integers: str = "equal"
+    p: Plan, *, allow_nonfinite: bool = False, integers: str = "equal", companions: str = "equal"
 ) -> dict[str, np.ndarray]:
     """:func:`average_tensors` for a plan made already."""
     with ExitStack() as stack:
         checkpoints = open_all(p.files, stack)
+        _meaning(checkpoints, companions)
         tensors = model_tensors(checkpoints[-1])
         newest = checkpoints[-1]
         averaged = to_average(checkpoints, integers=integers)

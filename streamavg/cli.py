@@ -19,6 +19,7 @@ from . import remote, synthesis
 from ._version import __version__
 from .api import OPTIMIZER_POLICIES, Plan, Result, plan, run
 from .cluster import dask_client
+from .companions import COMPANION_POLICIES
 from .engine import INTEGER_POLICIES
 from .errors import StreamavgError, UsageError, command_line
 from .formats import FOLDERS, open_checkpoint
@@ -83,6 +84,14 @@ def _parser() -> argparse.ArgumentParser:
         help="average NaN and Inf instead of refusing them",
     )
     _add_integers(out)
+    out.add_argument(
+        "--companions",
+        choices=COMPANION_POLICIES,
+        default="equal",
+        help="the files that give the weights their meaning (model config, vocabulary, "
+        "tokenizer) must be the same in every checkpoint; or take the newest's, with a note "
+        "(default: equal)",
+    )
     out.add_argument(
         "--max-memory",
         metavar="SIZE",
@@ -253,6 +262,7 @@ def _average(argv: Sequence[str]) -> int:
             overwrite=args.overwrite,
             allow_nonfinite=args.allow_nonfinite,
             integers=args.integers,
+            companions=args.companions,
             max_memory=args.max_memory,
             progress=not args.quiet,
             client=client,

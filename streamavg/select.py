@@ -26,7 +26,15 @@ from pathlib import Path
 from typing import NamedTuple
 
 from .errors import StreamavgError, UsageError, option
-from .formats import averaged_by_streamavg, is_checkpoint_dir, parts, require_regular_file
+from .formats import (
+    averaged_by_streamavg,
+    being_written,
+    check_checkpoint,
+    holds_weights,
+    is_checkpoint_dir,
+    parts,
+    require_regular_file,
+)
 from .monitor import best_k, check_mode, direction, read_log
 from .names import (
     CHECKPOINT_SUFFIXES,
@@ -46,6 +54,7 @@ from .remote import OPENERS, absolute, as_path, errors, is_url
 KINDS = "(*.keras, *.h5, *.hdf5, *.weights.json, *.safetensors, or a checkpoint folder)"
 MTIME_NOTE = "file names carry no epoch number; ordered by modification time"
 _DIGITS = re.compile(r"(\d+)")
+_SHARD = re.compile(r"-\d+-of-\d+\.safetensors$")  # as Hugging Face names a shard
 
 
 class Selection(NamedTuple):
@@ -132,6 +141,11 @@ def select_checkpoints(
         kept = best_k(scores, best, direction(monitor, mode))
         entries, values = [entries[i] for i in kept], tuple(scores[i] for i in kept)
     if last:
+        if len(entries) < last:
+            notes.append(
+                f"{option('last', last)}: only {count(len(entries), 'checkpoint')} to choose "
+                "from, all taken"
+            )
         entries, values = entries[-last:], values[-last:]
     if len(entries) == 1 and not gathered[entries[0].path]:  # not the one file named
         notes.append(f"only one checkpoint, {entries[0].path}: the average is a copy of it")
@@ -171,18 +185,27 @@ def _check_ranking(
         )
 
 
-def _files(directory: Path, pattern: str | None) -> list[Path]:
+def _files(directory: Path, pattern: str | None, notes: list[str] | None = None) -> list[Path]:
     """The checkpoints in `directory`: files with a checkpoint's suffix (any file matching
     `pattern`, if given) and folders that are checkpoints, but no part of another (a shard
-    its manifest lists)."""
+    its manifest lists, or one whose index is not written yet). With `notes`, folders and
+    shards that look like checkpoints still being written are named there."""
     owned = parts(directory)
-    found = []
+    found, partial = [], []
     for p in sorted(directory.glob(pattern or "*")):
         if p.is_dir():
             if is_checkpoint_dir(p):
                 found.append(p)
-        elif p.name not in owned and (pattern or p.name.endswith(CHECKPOINT_SUFFIXES)):
+            elif p.name != OUTPUT_DIR and (why := being_written(p)):
+                partial.append(f"{p}: {why}")
+        elif p.name in owned:
+            continue
+        elif _SHARD.search(p.name):
+            partial.append(f"{p}: a shard, but no index lists it: still being written?")
+        elif pattern or p.name.endswith(CHECKPOINT_SUFFIXES):
             found.append(p)
+    if notes is not None:
+        notes.extend(f"left out {why}" for why in partial)
     return found
 
 
@@ -190,12 +213,12 @@ def _scan(directory: Path, pattern: str | None, notes: list[str]) -> list[Path]:
     """A directory's checkpoints; without any, those one level down (checkpoints saved as
     directories, `epoch_3/model.weights.h5`), unless a `pattern` says where to look.
     Checkpoints one level down beside ones at the top are not taken, but named in a note."""
-    found = _files(directory, pattern)
+    found = _files(directory, pattern, notes)
     if pattern is None:
         below = [
             p
-            for sub in sorted(directory.iterdir())
-            if sub.is_dir() and sub.name != OUTPUT_DIR and not is_checkpoint_dir(sub)
+            for sub in _subfolders(directory)
+            if not is_checkpoint_dir(sub)
             for p in _files(sub, None)
         ]
         if not found:
@@ -228,8 +251,9 @@ def _gather(
         with errors(item) if is_url(item) else nullcontext():
             paths, named = _take(item, pattern, notes, owners)
         for p in paths:
-            first, was_named = found.get(p.resolve(), (p, False))
-            found[p.resolve()] = (first, was_named or named)
+            real = _resolved(p)
+            first, was_named = found.get(real, (p, False))
+            found[real] = (first, was_named or named)
     if not found:
         raise UsageError("no checkpoints given")
     if len({is_url(p) for p in found}) > 1:
@@ -242,7 +266,14 @@ def _take(
     item: Path, pattern: str | None, notes: list[str], owners: dict[Path, dict[str, Path]]
 ) -> tuple[list[Path], bool]:
     """The checkpoints that input `item` names, and whether it named one itself."""
-    if is_checkpoint_dir(item):
+    inner = [p for p in _subfolders(item) if is_checkpoint_dir(p)] if holds_weights(item) else []
+    if inner:  # a Trainer's output_dir: its final model beside its checkpoint-N folders
+        notes.append(
+            f"{item}: averaging the checkpoint folders in it ({inner[0].name}, ...), not the "
+            "model saved in the folder itself (name the folders to choose otherwise)"
+        )
+        paths, named = _scan(item, pattern, notes), False
+    elif is_checkpoint_dir(item):
         paths, named = [item], True
     elif item.is_dir():
         paths, named = _scan(item, pattern, notes), False
@@ -253,10 +284,24 @@ def _take(
         if item.name in owners[item.parent]:
             owner = owners[item.parent][item.name]
             raise StreamavgError(f"{item}: a part of checkpoint {owner}; name that instead")
+        if not item.name.endswith(CHECKPOINT_SUFFIXES):  # named, so refused, not left out
+            check_checkpoint(item)
         paths, named = [item], True
     else:
         raise StreamavgError(f"{item}: no such file or directory")
     return paths, named
+
+
+def _resolved(path: Path) -> Path:
+    try:
+        return path.resolve()
+    except (RuntimeError, OSError):  # RuntimeError: Python's word for a loop, before 3.13
+        raise StreamavgError(f"{path}: a symbolic link loop") from None
+
+
+def _subfolders(path: Path) -> list[Path]:
+    """The folders in `path` but streamavg's own output folder."""
+    return [p for p in sorted(path.iterdir()) if p.is_dir() and p.name != OUTPUT_DIR]
 
 
 def _originals(found: dict[Path, bool], notes: list[str]) -> list[Path]:

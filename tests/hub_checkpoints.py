@@ -32,9 +32,8 @@ HERE = Path(__file__).parent
 # -- Hugging Face ------------------------------------------------------------------------------
 
 
-def tokenizer(extra: str | None = None, max_length: int = 32):
-    """A `PreTrainedTokenizerFast` over a local WordLevel vocabulary; `extra` adds a token,
-    so that checkpoints' tokenizer files differ."""
+def tokenizer():
+    """A `PreTrainedTokenizerFast` over a local WordLevel vocabulary."""
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
@@ -44,10 +43,8 @@ def tokenizer(extra: str | None = None, max_length: int = 32):
         tokenizer_object=tok,
         unk_token="[UNK]",
         pad_token="[PAD]",
-        model_max_length=max_length,
+        model_max_length=32,
     )
-    if extra is not None:
-        fast.add_tokens([extra])
     return fast
 
 
@@ -98,7 +95,8 @@ def perturb(model, seed: int, scale: float = 0.05) -> None:
 def write_pretrained(root: Path, arch: str, *, shard: str | None, bf16: bool) -> list[Path]:
     """root/checkpoint-N/ for N in STEPS, oldest first: `save_pretrained` of one model
     perturbed further at each step (in bfloat16 if `bf16`), `max_shard_size=shard`, with a
-    tokenizer beside. config.json and the tokenizer files differ from step to step."""
+    tokenizer beside. As in one run, config.json and the tokenizer are the same in every
+    checkpoint; generation_config.json (taken from the newest unread) differs."""
     import torch
 
     model = tiny_model(arch)
@@ -107,11 +105,11 @@ def write_pretrained(root: Path, arch: str, *, shard: str | None, bf16: bool) ->
     folders = []
     for i, step in enumerate(STEPS):
         perturb(model, seed=step)
-        model.config.streamavg_test_step = step  # config.json differs between checkpoints
+        model.generation_config.max_length = 20 + i
         folder = root / f"checkpoint-{step}"
         kwargs = {} if shard is None else {"max_shard_size": shard}
         model.save_pretrained(folder, **kwargs)
-        tokenizer(extra=f"step{step}", max_length=32 + i).save_pretrained(folder)
+        tokenizer().save_pretrained(folder)
         folders.append(folder)
     return folders
 
@@ -170,14 +168,13 @@ def lora_base():
 
 def write_lora(root: Path) -> list[Path]:
     """root/adapter-N/ for N in STEPS: PEFT `save_pretrained` of LoRA adapters (A and B
-    both perturbed, so that they differ, B from its zeros too). adapter_config.json differs
-    from step to step (lora_dropout)."""
+    both perturbed, so that they differ, B from its zeros too); one adapter_config.json."""
     import torch
     from peft import LoraConfig, get_peft_model
 
     folders = []
-    for i, step in enumerate(STEPS):
-        config = LoraConfig(r=4, lora_alpha=8, target_modules=LORA_TARGETS, lora_dropout=i / 100)
+    for step in STEPS:
+        config = LoraConfig(r=4, lora_alpha=8, target_modules=LORA_TARGETS)
         model = get_peft_model(lora_base(), config)
         gen = torch.Generator().manual_seed(step)
         with torch.no_grad():
@@ -265,42 +262,45 @@ def _dump(model, npz: Path) -> None:
     np.savez(npz, __meta__=json.dumps(meta), **arrays)
 
 
-def _vocabulary(step: int) -> list[str]:
-    return [*WORDS[:-1], f"step{step}"]  # same size, a different last word
-
-
 def _keras_build(root: Path) -> None:
     import keras
     import keras_hub
 
-    def backbone(dtype: str | None, dropout: float):
+    def backbone(dtype: str | None, name: str):
         return keras_hub.models.BertBackbone(
             vocabulary_size=len(WORDS),
             num_layers=2,
             num_heads=2,
             hidden_dim=16,
             intermediate_dim=32,
-            dropout=dropout,
             max_sequence_length=16,
             dtype=dtype,
+            name=name,
         )
 
     for case in KERAS_CASES:
-        for i, step in enumerate(STEPS):
+        for step in STEPS:
             keras.utils.set_random_seed(step)  # each checkpoint its own weights
             folder, dump = _keras_paths(root, case, step)
-            dropout = 0.1 + i / 100  # config.json differs between checkpoints
+            # Each save names its layers anew (as Keras numbers them in a process): the
+            # JSON files differ in their "name" keys only, which say nothing of the weights.
+            name = f"{case}_{step}"
             if case == "task":
-                tok = keras_hub.models.BertTokenizer(vocabulary=_vocabulary(step))
-                pre = keras_hub.models.BertTextClassifierPreprocessor(tok, sequence_length=16)
-                model = keras_hub.models.BertTextClassifier(
-                    backbone(None, dropout), num_classes=3, preprocessor=pre, dropout=dropout
+                tok = keras_hub.models.BertTokenizer(vocabulary=WORDS, name=f"tok_{name}")
+                pre = keras_hub.models.BertTextClassifierPreprocessor(
+                    tok, sequence_length=16, name=f"pre_{name}"
                 )
-                model.save_to_preset(str(folder))
+                model = keras_hub.models.BertTextClassifier(
+                    backbone(None, f"bert_{name}"), num_classes=3, preprocessor=pre, name=name
+                )
             else:
-                model = backbone("bfloat16" if case == "bf16" else None, dropout)
-                shard = KERAS_SHARD_GB if case == "sharded" else 10
-                model.save_to_preset(str(folder), max_shard_size=shard)
+                model = backbone("bfloat16" if case == "bf16" else None, f"bert_{name}")
+            rng = np.random.default_rng(step)  # ones and zeros too (norms, biases) differ
+            for v in model.weights:
+                noise = rng.standard_normal(tuple(v.shape)) * 0.05
+                v.assign(v + keras.ops.cast(noise, v.dtype))
+            shard = KERAS_SHARD_GB if case == "sharded" else 10
+            model.save_to_preset(str(folder), max_shard_size=shard)
             dump.parent.mkdir(exist_ok=True)
             _dump(model, dump)
 

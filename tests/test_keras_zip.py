@@ -2,9 +2,16 @@
 
 from __future__ import annotations
 
+import os
+import shutil
+import subprocess
+import sys
 import zipfile
 import zlib
+from pathlib import Path
 
+import keras
+import numpy as np
 from conftest import files
 from hypothesis import given
 from hypothesis import strategies as st
@@ -12,6 +19,8 @@ from hypothesis import strategies as st
 import streamavg
 from streamavg.formats import keras_zip
 from streamavg.formats.keras_zip import WEIGHTS_MEMBER
+
+ASSET = 64 << 20  # bytes of data in the large asset
 
 
 def test_keras_output_is_a_valid_zip_with_the_weights_in_place(checkpoints, tmp_path):
@@ -35,3 +44,55 @@ def test_keras_output_is_a_valid_zip_with_the_weights_in_place(checkpoints, tmp_
 @given(st.binary(), st.binary())
 def test_crc32_combine_is_the_crc_of_the_concatenation(a, b):
     assert keras_zip.crc32_combine(zlib.crc32(a), zlib.crc32(b), len(b)) == zlib.crc32(a + b)
+
+
+def with_asset(template: Path, dest: Path, name: str, data: bytes) -> Path:
+    """A copy of the `.keras` archive `template` with member `name` added, deflated."""
+    with zipfile.ZipFile(template) as src, zipfile.ZipFile(dest, "w") as out:
+        for info in src.infolist():
+            out.writestr(info, src.read(info))
+        out.writestr(name, data, zipfile.ZIP_DEFLATED, compresslevel=1)
+    return dest
+
+
+def peak_memory(*args: object) -> int:
+    """Run `python -m streamavg ARGS --quiet` to completion; its peak resident memory (bytes)."""
+    cmd = [sys.executable, "-m", "streamavg", *map(str, args), "--quiet"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    _, status, usage = os.wait4(proc.pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0, proc.stderr.read()
+    proc.stderr.close()
+    return usage.ru_maxrss * 1024  # Linux counts kilobytes
+
+
+def test_a_large_deflated_asset_is_copied_as_stored_in_flat_memory(checkpoints, tmp_path):
+    # 64 MiB of text-like bytes (2 bits of entropy a byte): a vocabulary deflated about 3:1
+    asset = np.random.default_rng(0).integers(97, 101, ASSET, dtype=np.uint8).tobytes()
+    plain, big = tmp_path / "plain", tmp_path / "big"
+    big.mkdir()
+    inputs = files(checkpoints / "k3-keras")[-2:]
+    for path in inputs:
+        with_asset(path, big / path.name, "assets/big.bin", asset)
+    shutil.copytree(checkpoints / "k3-keras", plain)
+    baseline = peak_memory(*files(plain)[-2:], "-o", tmp_path / "plain.keras")
+    peak = peak_memory(*files(big), "-o", tmp_path / "avg.keras")
+    assert peak < baseline + ASSET // 2, (peak, baseline)
+
+    newest = files(big)[-1]
+    with zipfile.ZipFile(tmp_path / "avg.keras") as z, zipfile.ZipFile(newest) as template:
+        assert z.testzip() is None
+        assert sorted(z.namelist()) == sorted(template.namelist())
+        for info in template.infolist():
+            if info.filename == WEIGHTS_MEMBER:
+                continue
+            got = z.getinfo(info.filename)
+            assert (got.compress_type, got.compress_size, got.file_size, got.CRC) == (
+                info.compress_type, info.compress_size, info.file_size, info.CRC,
+            )  # fmt: skip
+            assert z.read(info.filename) == template.read(info.filename)
+        assert z.getinfo("assets/big.bin").compress_type == zipfile.ZIP_DEFLATED
+    restored = keras.saving.load_model(tmp_path / "avg.keras").get_weights()
+    want = keras.saving.load_model(tmp_path / "plain.keras").get_weights()
+    assert len(restored) == len(want)
+    for got, expected in zip(restored, want, strict=True):
+        np.testing.assert_array_equal(got, expected)

@@ -608,8 +608,9 @@ def test_a_sharded_folder_keeps_its_config_but_not_training_state(made, tmp_path
     newest = parent / "checkpoint-1000"
     kept = {"config.json": "{}\n", "tokenizer.json": '{"v": 1}\n'}
     dropped = ["optimizer.pt", "rng_state.pth", "training_args.bin", "trainer_state.json"]
-    for name, text in kept.items():
-        (newest / name).write_text(text)
+    for folder in parent.iterdir():
+        for name, text in kept.items():
+            (folder / name).write_text(text)
     for name in dropped:
         (newest / name).write_bytes(b"state")
     out = tmp_path / "avg"
@@ -617,6 +618,26 @@ def test_a_sharded_folder_keeps_its_config_but_not_training_state(made, tmp_path
     assert sorted(p.name for p in out.iterdir()) == sorted([INDEX, *SHARDS, *kept])
     for name, text in kept.items():
         assert (out / name).read_text() == text
+    assert main([str(parent), "-o", str(tmp_path / "all"), "-q", "--optimizer", "newest"]) == 0
+    assert sorted(p.name for p in (tmp_path / "all").iterdir()) == sorted(
+        [INDEX, *SHARDS, *kept, *dropped]
+    )
+
+
+def test_a_config_in_one_checkpoint_only_is_refused(made, tmp_path, capsys):
+    parent = copy(made, "sharded", tmp_path)
+    (parent / "checkpoint-1000" / "config.json").write_text("{}\n")
+    assert main([str(parent), "-o", str(tmp_path / "avg"), "-q"]) == EXIT_ERROR
+    assert capsys.readouterr().err == (
+        f"streamavg: error: {parent / 'checkpoint-100'}: config.json: missing (present in "
+        f"{parent / 'checkpoint-1000'}); the weights would be averaged across different "
+        "models (pass --companions newest to take the newest's)\n"
+    )
+    assert main([str(parent), "-o", str(tmp_path / "avg"), "-q", "--companions", "newest"]) == 0
+    assert capsys.readouterr().err == (
+        f"streamavg: note: config.json differs in {parent / 'checkpoint-100'}: taken from the "
+        f"newest, {parent / 'checkpoint-1000'}\n"
+    )
 
 
 # -- any header at all ------------------------------------------------------------------------

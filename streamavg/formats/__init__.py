@@ -38,6 +38,8 @@ __all__ = [
     "Tensor",
     "averaged_by_streamavg",
     "being_written",
+    "check_checkpoint",
+    "holds_weights",
     "is_checkpoint_dir",
     "open_checkpoint",
     "parts",
@@ -68,6 +70,17 @@ def _adapter(path: Path) -> ModuleType:
     if folder:
         raise StreamavgError(f"{path}: is a directory, not a checkpoint")
     raise StreamavgError(f"{path}: not a checkpoint (neither HDF5, .keras nor safetensors)")
+
+
+def check_checkpoint(path: str | os.PathLike) -> None:
+    """Refuse, in one line, a path that no adapter reads."""
+    _adapter(as_path(path))
+
+
+def holds_weights(path: Path) -> bool:
+    """Whether folder `path` is a checkpoint by the weights files in it (not an Orbax
+    root): a Trainer's output_dir, say, holding the final model beside its checkpoints."""
+    return bundle.kind(path) is not None
 
 
 def open_checkpoint(
