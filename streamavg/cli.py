@@ -293,6 +293,11 @@ def inspect(path: str) -> str:
             f"{ck.path}: {ck.format}, {count(len(ck.tensors), 'tensor')}, {total:,} bytes "
             f"({ck.size:,} bytes on disk)"
         ]
+        if ck.folder:
+            lines.append(f"weights files: {', '.join(ck.files)}")
+            shared = [c.name for c in ck.companions() if c.role != "state"]
+            if shared:
+                lines.append(f"with them: {', '.join(shared)}")
         if ck.provenance is not None:
             lines.append(f"averaged by streamavg: {ck.provenance}")
         width = max([len(n) for n in ck.tensors] + [6])

@@ -143,6 +143,11 @@ class Reader:
         """What an earlier streamavg run recorded in this checkpoint, if it made it."""
         return None
 
+    @property
+    def files(self) -> list[str]:
+        """The names of the weights files it reads (one, but for sharded or folder ones)."""
+        return [self.path.name]
+
     def companions(self) -> list[Companion]:
         """The files that travel with the weights (see `Companion`), in a stable order."""
         return []

@@ -10,6 +10,8 @@ possibly sharded), and the files that travel with them.
   (or an index and its shards), config and tokenizer files; `from_pretrained(path)`.
 - `peft`: a PEFT adapter, adapter_model.safetensors and adapter_config.json;
   `PeftModel.from_pretrained(base, path)`.
+- `accelerate`: an `accelerate.save_state` folder of one model (model.safetensors beside
+  optimizer, scheduler and RNG state); one of several models is refused.
 
 Every weights file is averaged, by its own adapter, with its namesake in every other
 checkpoint; one that cannot be (a pickle: never unpickled) is refused, never copied. The
@@ -35,7 +37,7 @@ from ..remote import as_path
 from . import hdf5, keras_sharded, safetensors
 from .base import Companion, Reader, Targets, Write, stat_of
 
-SUFFIXES = {"keras-dir": "", "keras-hub": "", "huggingface": "", "peft": ""}  # folders
+SUFFIXES = {"keras-dir": "", "keras-hub": "", "huggingface": "", "peft": "", "accelerate": ""}
 ACCEPTED: dict[str, tuple[str, ...]] = {}
 #: Files that make a folder one checkpoint, beside a weights file its loader reads by name.
 MARKERS = ("config.json", "adapter_config.json")
@@ -48,6 +50,7 @@ LOADED = (
     "diffusion_pytorch_model.safetensors",
 )
 INDEX = safetensors.INDEX_SUFFIX
+ACCELERATE = re.compile(r"random_states_\d+\.pkl")  # accelerate.save_state's RNG state
 #: Training state (Trainer, accelerate, DeepSpeed): left out of an average.
 STATE = re.compile(
     r"(optimizer|scheduler|scaler)[^/]*\.(pt|bin)|rng_state[^/]*\.pth|random_states_\d+\.pkl"
@@ -69,6 +72,8 @@ def kind(path: Path) -> str | None:
     except OSError:
         return None
     indexed = any(n.endswith(INDEX) for n in names)
+    if any(map(ACCELERATE.fullmatch, names)) and names & set(LOADED):
+        return "accelerate"
     if not (indexed or names & set(MARKERS)) or not (indexed or names & set(LOADED)):
         return None
     if "adapter_config.json" in names:
@@ -136,6 +141,8 @@ class Folder(Reader):
             raise StreamavgError(f"{self.path}: not a checkpoint folder (no weights file)")
         self.format = found
         self.members: dict[str, Reader] = {}
+        if found == "accelerate":
+            _one_model(self.path)
         try:
             self._open_members(optimizer, like)
             self._companions = self._find_companions()
@@ -161,7 +168,7 @@ class Folder(Reader):
         sharded = [n for n in names if n.endswith((INDEX, keras_sharded.MANIFEST))]
         for name in sharded:
             ck = self._open(name, optimizer, like)
-            for part in ck.parts[1:]:
+            for part in ck.files[1:]:
                 if part in owned:
                     raise StreamavgError(
                         f"{self.path / part}: listed by both {owned[part]} and {name}"
@@ -208,6 +215,13 @@ class Folder(Reader):
 
     def companions(self) -> list[Companion]:
         return self._companions
+
+    @property
+    def files(self) -> list[str]:
+        """The weights files it reads: each member's, shards included."""
+        return [
+            part for ck in self.members.values() for part in getattr(ck, "parts", [ck.path.name])
+        ]
 
     def read(self, name: str, index: tuple[slice, ...], out: np.ndarray) -> None:
         ck, inner = self._owner[name]
@@ -282,6 +296,17 @@ class Folder(Reader):
 
             write.targets = Targets(places, None)  # each weights file, its own
             yield write
+
+
+def _one_model(path: Path) -> None:
+    """Refuse an `accelerate.save_state` folder of several models (model.safetensors,
+    model_1.safetensors, ...): each is a checkpoint of its own."""
+    models = sorted(p.name for p in path.glob("model*.safetensors"))
+    if len(models) > 1:
+        raise StreamavgError(
+            f"{path}: holds {len(models)} models ({', '.join(models)}: accelerate.save_state); "
+            f"average one model at a time, with --pattern '*/{models[0]}' on the folder above"
+        )
 
 
 def _companion(path: Path, name: str, role: str) -> Companion:

@@ -197,7 +197,7 @@ class Sharded(Reader):
                 )
 
     @property
-    def parts(self) -> list[str]:
+    def files(self) -> list[str]:
         """The file names it spans: the manifest, then its shards."""
         return [self.path.name, *(s.path.name for s in self.shards)]
 

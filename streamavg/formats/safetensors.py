@@ -368,7 +368,7 @@ class Sharded(_Safetensors):
         self.open_files = len(self._files)
 
     @property
-    def parts(self) -> list[str]:
+    def files(self) -> list[str]:
         """The file names it spans: the index, then its shards."""
         return [self._index.name, *self._files]
 
