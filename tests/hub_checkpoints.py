@@ -313,8 +313,10 @@ def _keras_load(spec: Path) -> None:
         try:
             if (Path(preset) / "task.json").exists():
                 model = keras_hub.models.TextClassifier.from_preset(preset)
-            else:
-                model = keras_hub.models.Backbone.from_preset(preset)
+            else:  # from_preset loads in float32 unless given the dtype: the stored one
+                config = json.loads((Path(preset) / "config.json").read_text())["config"]
+                dtype = config["dtype"]["config"]["name"]
+                model = keras_hub.models.Backbone.from_preset(preset, dtype=dtype)
             _dump(model, Path(npz))
         except Exception as e:
             errors[name] = f"{type(e).__name__}: {e}"

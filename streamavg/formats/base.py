@@ -188,6 +188,24 @@ class Reader:
         self.close()
 
 
+PIECE = 1 << 20  # bytes of a companion read at a time
+
+
+def file_companion(path: Path, name: str, role: str = "meaning") -> Companion:
+    """File `path` (on disk or in a store) as a companion named `name`, read a piece at a
+    time; a JSON file by its name."""
+
+    def chunks() -> Iterator[bytes]:
+        try:
+            with path.open("rb") as f:
+                while chunk := f.read(PIECE):
+                    yield chunk
+        except OSError as e:
+            raise StreamavgError(f"{path}: cannot read ({e.strerror or e})") from None
+
+    return Companion(name, stat_of(path).st_size, chunks, role, name.endswith(".json"))
+
+
 def require_regular_file(path: str | os.PathLike) -> None:
     """Refuse what is not a regular file before opening it: a FIFO or a device would
     block the read or never end, and a directory is not one checkpoint."""

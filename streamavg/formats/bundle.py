@@ -35,7 +35,7 @@ import numpy as np
 from ..errors import StreamavgError
 from ..remote import as_path
 from . import hdf5, keras_sharded, safetensors
-from .base import Companion, Reader, Targets, Write, stat_of
+from .base import Companion, Reader, Targets, Write, file_companion, stat_of
 
 SUFFIXES = {"keras-dir": "", "keras-hub": "", "huggingface": "", "peft": "", "accelerate": ""}
 ACCEPTED: dict[str, tuple[str, ...]] = {}
@@ -61,7 +61,6 @@ COPIED = re.compile(r"(.*/)?(README\.md|generation_config\.json|\.gitattributes)
 #: Names of weights that no adapter reads: refused, as they would be neither averaged nor copied.
 WEIGHTS_LIKE = (".safetensors", ".h5", ".hdf5", ".keras", ".bin", ".pt", ".pth", ".ckpt")
 WEIGHTS_LIKE += (".msgpack", ".gguf", ".onnx", ".pkl", ".npz")
-PIECE = 1 << 20  # bytes of a companion read or written at a time
 
 
 def kind(path: Path) -> str | None:
@@ -210,7 +209,7 @@ class Folder(Reader):
                 )
             else:
                 role = "copy" if COPIED.fullmatch(name) else "meaning"
-            found.append(_companion(p, name, role))
+            found.append(file_companion(p, name, role))
         return found
 
     def companions(self) -> list[Companion]:
@@ -307,20 +306,6 @@ def _one_model(path: Path) -> None:
             f"{path}: holds {len(models)} models ({', '.join(models)}: accelerate.save_state); "
             f"average one model at a time, with --pattern '*/{models[0]}' on the folder above"
         )
-
-
-def _companion(path: Path, name: str, role: str) -> Companion:
-    """File `path` of a checkpoint folder as a companion named `name`."""
-
-    def chunks() -> Iterator[bytes]:
-        try:
-            with path.open("rb") as f:
-                while chunk := f.read(PIECE):
-                    yield chunk
-        except OSError as e:
-            raise StreamavgError(f"{path}: cannot read ({e.strerror or e})") from None
-
-    return Companion(name, stat_of(path).st_size, chunks, role, name.endswith(".json"))
 
 
 def _copy(c: Companion, dest: Path) -> None:

@@ -474,7 +474,7 @@ class Checkpoint(Reader):
             return self._like.companions()  # the same bytes
         self.check_heaps()  # before an attribute is decoded
         try:
-            with ExitStack() as stack:  # reopened if `settle` let the handle go
+            with ExitStack() as stack:  # reopened where `settle` closed it (closed: false)
                 h5 = self.h5 or stack.enter_context(
                     h5py.File(self._member or self._source.handle(), "r")
                 )

@@ -47,12 +47,23 @@ import numpy as np
 
 from ..errors import StreamavgError
 from ..remote import as_path, errors, is_url
-from .base import Reader, Tensor, Write, check_same, copy_out, identity, stat_of
+from .base import (
+    Companion,
+    Reader,
+    Tensor,
+    Write,
+    check_same,
+    copy_out,
+    file_companion,
+    identity,
+    stat_of,
+)
 
 SUFFIXES = {"orbax": ""}  # a folder: an Orbax root
 ACCEPTED: dict[str, tuple[str, ...]] = {}
 METADATA = "_CHECKPOINT_METADATA"
 PYTREE = "pytree"
+MODEL_CONFIG = "model_config/_strings.json"
 TREE_METADATA = "_METADATA"  # the pytree's leaves, and how they are stored
 SHARDING = "_sharding"
 ARRAY_METADATAS = "array_metadatas"
@@ -339,6 +350,12 @@ class Checkpoint(Reader):
             raise StreamavgError(
                 f"{self.path}: changed while being averaged (still being written?)"
             )
+
+    def companions(self) -> list[Companion]:
+        """The model's config, which gives the arrays their meaning (Orbax keeps it as a
+        JSON string in `model_config/_strings.json`)."""
+        config = self.step / MODEL_CONFIG
+        return [file_companion(config, MODEL_CONFIG)] if config.is_file() else []
 
     @property
     def provenance(self) -> dict | None:
