@@ -272,7 +272,8 @@ def _take(
             f"{item}: averaging the checkpoint folders in it ({inner[0].name}, ...), not the "
             "model saved in the folder itself (name the folders to choose otherwise)"
         )
-        paths, named = _scan(item, pattern, notes), False
+        found = _scan(item, pattern, notes)
+        paths, named = [p for p in found if p.parent != item or p.is_dir()], False
     elif is_checkpoint_dir(item):
         paths, named = [item], True
     elif item.is_dir():

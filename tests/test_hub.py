@@ -242,10 +242,10 @@ def test_trainer_run_averages_its_last_three_checkpoints(trainer_runs, tmp_path,
         ["config.json", "generation_config.json", "model.safetensors", *CONFIGS[2:]]
     )
     assert_same_bytes(out, chosen[-1], CONFIGS)
-    assert (
+    assert notes(err) == [
         f"{NOTE}{run}: averaging the checkpoint folders in it (checkpoint-2, ...), not the "
         "model saved in the folder itself (name the folders to choose otherwise)"
-    ) in notes(err), err
+    ], err
 
 
 def test_trainer_run_with_gradient_accumulation_is_named_by_update_steps(
