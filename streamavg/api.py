@@ -25,9 +25,9 @@ from .cluster import fold_on
 from .companions import check_companions
 from .engine import MIN_MEMORY, fold, model_tensors, open_all, taken_whole, to_average
 from .errors import UsageError, option
-from .formats import FOLDERS, SUFFIXES, open_checkpoint
+from .formats import SUFFIXES, open_checkpoint
 from .names import below, common_dir
-from .output import check_output, destination
+from .output import resolve
 from .schemes import scheme_weights
 from .select import select_checkpoints
 
@@ -46,6 +46,7 @@ class Plan(NamedTuple):
     alpha: float | None = None
     by_mtime: bool = False
     notes: tuple[str, ...] = ()
+    format: str = ""  # the checkpoints' container, as the newest's adapter names it
 
 
 class Result(NamedTuple):
@@ -74,7 +75,8 @@ def plan(
     log: str | os.PathLike | None = None,
 ) -> Plan:
     """Select and order checkpoints (see :func:`streamavg.select.select_checkpoints`), then
-    weigh them. Reads no weights: only the files' provenance, and the `log` if given.
+    weigh them. Reads no weights: only the files' provenance, the newest's metadata (its
+    format), and the `log` if given.
 
     >>> streamavg.plan(["ckpts/"], best=5, monitor="val_loss", log="log.csv")  # doctest: +SKIP
     """
@@ -93,7 +95,9 @@ def plan(
     w = scheme_weights(scheme, len(sel.paths), alpha=alpha, weights=weights)
     name = "weights" if weights is not None else scheme
     alpha = alpha if name == "exp" else None
-    return Plan(sel.paths, tuple(w.tolist()), name, alpha, sel.by_mtime, sel.notes)
+    with open_checkpoint(sel.paths[-1]) as newest:  # metadata only
+        fmt = newest.format
+    return Plan(sel.paths, tuple(w.tolist()), name, alpha, sel.by_mtime, sel.notes, fmt)
 
 
 def run(
@@ -128,22 +132,13 @@ def run(
         raise UsageError(f"{option('optimizer')} must be one of {', '.join(OPTIMIZER_POLICIES)}")
     if max_memory is not None and max_memory < MIN_MEMORY:
         raise UsageError(f"{option('max_memory')} must be at least {MIN_MEMORY >> 20}M")
-    url = None
     with ExitStack() as stack:
-        if remote.is_url(output) and not str(output).endswith("/"):
-            remote.check_destination(str(output), overwrite)  # before any work
+        dest = url = resolve(output, p.format, p.files, p.scheme, overwrite=overwrite)
+        if isinstance(url, str):  # written here, then uploaded (see streamavg.remote)
+            tmp = stack.enter_context(tempfile.TemporaryDirectory(prefix="streamavg-"))
+            dest = Path(tmp) / url.rsplit("/", 1)[-1]
         checkpoints = open_all(p.files, stack)
         newest = checkpoints[-1]
-        dest = destination(output, newest, p.scheme, p.files)
-        if remote.is_url(dest):  # written here, then uploaded (see streamavg.remote)
-            url = str(dest)
-            if url in map(str, p.files):
-                raise UsageError(f"{url}: output is one of the inputs")
-            if url != str(output):  # a default name: not checked above
-                remote.check_destination(url, overwrite)
-            tmp = stack.enter_context(tempfile.TemporaryDirectory(prefix="streamavg-"))
-            dest = Path(tmp) / dest.name
-        check_output(dest, p.files, overwrite, folder=newest.format in FOLDERS)
         notes = _meaning(checkpoints, companions)
         averaged = to_average(checkpoints, integers=integers, max_memory=max_memory)
         whole = taken_whole(newest, averaged)
@@ -179,7 +174,7 @@ def run(
                     allow_nonfinite=allow_nonfinite,
                     progress=progress,
                 )
-        if url is not None:
+        if isinstance(url, str):
             remote.upload(dest, url)
             dest = url
     return Result(dest, p.files, p.weights, notes)
@@ -296,11 +291,8 @@ def load_into_model(
     skipped the optimizer's variables says only that, and is not shown.
     """
     p = plan(paths, **plan_args)
-    with (
-        open_checkpoint(p.files[-1]) as newest,
-        tempfile.TemporaryDirectory(prefix="streamavg-") as tmp,
-    ):
-        output = Path(tmp) / f"averaged{SUFFIXES[newest.format]}"
+    with tempfile.TemporaryDirectory(prefix="streamavg-") as tmp:
+        output = Path(tmp) / f"averaged{SUFFIXES[p.format]}"
         run(p, output, allow_nonfinite=allow_nonfinite, integers=integers)
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", "Skipping variable loading for optimizer")

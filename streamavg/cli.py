@@ -13,18 +13,17 @@ import threading
 import time
 from collections.abc import Sequence
 from contextlib import nullcontext
-from pathlib import Path
 
-from . import remote, synthesis
+from . import synthesis
 from ._version import __version__
 from .api import OPTIMIZER_POLICIES, Plan, Result, plan, run
 from .cluster import dask_client
 from .companions import COMPANION_POLICIES
 from .engine import INTEGER_POLICIES
 from .errors import StreamavgError, UsageError, command_line
-from .formats import FOLDERS, open_checkpoint
+from .formats import open_checkpoint
 from .monitor import MODES
-from .output import check_output, destination
+from .output import resolve
 from .schemes import SCHEMES
 from .select import count
 
@@ -246,12 +245,7 @@ def _average(argv: Sequence[str]) -> int:
     if not args.quiet:
         print(_table(p))
     if args.dry_run:
-        with open_checkpoint(p.files[-1]) as newest:
-            if remote.is_url(args.output):
-                dest = args.output  # its name is checked when the local file is written
-            else:
-                dest = destination(args.output, newest, p.scheme, p.files)
-                check_output(dest, p.files, args.overwrite, folder=newest.format in FOLDERS)
+        dest = resolve(args.output, p.format, p.files, p.scheme, overwrite=args.overwrite)
         print(f"dry run: would average {count(len(p.files), 'file')} ({p.scheme}) into {dest}")
         return 0
     with dask_client(args.scheduler) if args.scheduler else nullcontext() as client:
@@ -351,10 +345,8 @@ def _sweep(argv: Sequence[str]) -> int:
     files = chosen.files
     order = {"template": args.template}  # selecting among `files` again keeps their order
     integers = args.integers
-    if args.output and not remote.is_url(args.output):  # refuse it before scoring
-        with open_checkpoint(files[-1]) as newest:
-            dest = destination(args.output, newest, "sweep", files)
-            check_output(dest, files, args.overwrite, folder=newest.format in FOLDERS)
+    if args.output:  # refused before scoring
+        resolve(args.output, chosen.format, files, "sweep", overwrite=args.overwrite)
 
     from .evaluate import keras_scorer
     from .sweeps import greedy_soup, sweep
@@ -440,10 +432,9 @@ def _phema(argv: Sequence[str]) -> int:
         from .evaluate import keras_scorer
 
         widths = synthesis.parse_sweep(args.sweep)
-        if out and not (out.endswith(os.sep) or os.path.isdir(out)):  # refuse it before scoring
-            check_output(
-                Path(out), [s.path for s in synthesis.snapshots(args.directory)], args.overwrite
-            )
+        if out and not (out.endswith(os.sep) or os.path.isdir(out)):  # refused before scoring
+            files = [s.path for s in synthesis.snapshots(args.directory)]
+            resolve(out, synthesis.FORMAT, files, "phema", overwrite=args.overwrite)
         model = args.model or os.path.join(args.directory, "model.keras")
         evaluate, metric, maximize = keras_scorer(model, args.data, args.metric, args.mode)
         scores = synthesis.sweep(args.directory, widths, evaluate=evaluate, step=args.step)

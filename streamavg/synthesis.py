@@ -19,10 +19,11 @@ from .api import Plan, Result, plan_tensors, run
 from .errors import StreamavgError, UsageError, option
 from .formats import open_checkpoint
 from .formats.base import PROVENANCE_KEY
+from .output import destination
 from .posthoc import SNAPSHOT_ATTR, check_sigma_rel, gamma, solve
-from .remote import is_url
 
 DEFAULT_FOLDER = "phema-out"  # inside the snapshots' directory
+FORMAT = "keras-weights"  # snapshots are .weights.h5 files, and so are their averages
 
 
 class Snapshot(NamedTuple):
@@ -89,23 +90,18 @@ def plan(directory: str | os.PathLike, sigma_rel: float, *, step: int | None = N
             "an extrapolation, less accurate",
         )
     files = tuple(s.path for s in chosen)
-    p = Plan(files, tuple(weights.tolist()), f"phema-{sigma_rel:g}", notes=notes)
+    p = Plan(files, tuple(weights.tolist()), f"phema-{sigma_rel:g}", notes=notes, format=FORMAT)
     return Recipe(p, t, chosen, sigma_rel)
 
 
 def output_path(
-    output: str | os.PathLike | None, directory: str | os.PathLike, sigma_rel: float, t: int
-) -> Path | str:
+    output: str | os.PathLike | None, directory: str | os.PathLike, recipe: Recipe
+) -> Path:
     """`output`, or the default name inside it if it is a directory (or a URL ending in
     "/"); by default DIRECTORY/phema-out/ema-SIGMA-STEP.weights.h5."""
-    name = f"ema-{sigma_rel:g}-{t:09d}.weights.h5"
-    if output is None:
-        return Path(directory) / DEFAULT_FOLDER / name
-    if is_url(output):
-        return f"{output}{name}" if os.fspath(output).endswith("/") else os.fspath(output)
-    if os.fspath(output).endswith(os.sep) or Path(output).is_dir():
-        return Path(output) / name
-    return Path(output)
+    name = f"ema-{recipe.sigma_rel:g}-{recipe.step:09d}.weights.h5"
+    p = recipe.plan
+    return destination(output, p.format, p.files, p.scheme, Path(directory) / DEFAULT_FOLDER / name)
 
 
 def phema(
@@ -134,7 +130,7 @@ def write(
 ) -> Result:
     """Fold the recipe's snapshots into `output` (see :func:`output_path`). Integer
     variables, which no EMA averages, come from the newest snapshot."""
-    dest = output_path(output, directory, recipe.sigma_rel, recipe.step)
+    dest = output_path(output, directory, recipe)
     result = run(recipe.plan, dest, overwrite=overwrite, integers="newest", progress=progress)
     return result._replace(notes=recipe.plan.notes + result.notes)
 

@@ -15,7 +15,6 @@ from training import FIT, VAL, X, Y, make_model
 
 import streamavg
 from streamavg.cli import main
-from streamavg.formats import open_checkpoint
 from streamavg.output import destination
 from streamavg.select import select_checkpoints
 
@@ -127,8 +126,7 @@ def test_dry_run_prints_and_touches_nothing(fit, capsys):
     code, out, err = run(capsys, first, "--last", "3", "--scheme", "linear", "--dry-run")
     assert code == 0
     files = select_checkpoints([first], last=3).paths
-    with open_checkpoint(files[-1]) as newest:
-        dest = destination(None, newest, "linear", files)
+    dest = destination(None, "keras", files, "linear")
     weights = streamavg.scheme_weights("linear", 3)
     assert out.splitlines() == [
         f"{'#':>3}  {'weight':>8}  file",
