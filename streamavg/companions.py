@@ -22,10 +22,12 @@ from .formats.base import Companion, Reader
 #: What to do with companion files that differ between checkpoints.
 COMPANION_POLICIES = ("equal", "newest")
 #: JSON keys that change from save to save without changing what the weights mean: tool
-#: versions, dates, auto-generated layer names (tensors are matched on their own), the
-#: compile and training configuration (a learning rate changed by a schedule).
+#: versions, dates, auto-generated layer names (tensors are matched on their own), Keras's
+#: ids of shared objects (Python's `id()`), the compile and training configuration (a
+#: learning rate changed by a schedule).
 VOLATILE = re.compile(
-    r"^(name|date_saved|compile_config|training_config|_name_or_path|_commit_hash|.*_version)$"
+    r"^(name|date_saved|shared_object_id|compile_config|training_config|_name_or_path"
+    r"|_commit_hash|.*_version)$"
 )
 MAX_JSON = 16 << 20  # bytes: a config is small; a larger JSON companion is compared as bytes
 

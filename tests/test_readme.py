@@ -71,3 +71,23 @@ def test_every_test_the_readme_names_exists():
     for module, name in sorted(cited):
         source = (README.parent / "tests" / module).read_text()
         assert re.search(rf"^def {name}\(", source, re.M), f"{module}::{name}"
+
+
+def test_the_module_list_is_the_tree():
+    """Develop's list of modules names every module of the package, and only those."""
+    section = README.read_text().split("\n## Develop")[1]
+    listing = re.search(r"```\nstreamavg/\n(.*?)```", section, re.S).group(1)
+    listed, folder = set(), ""
+    for line in listing.splitlines():
+        entry = line.split()[0] if line.strip() else ""
+        if entry.endswith("/"):
+            folder = entry
+        elif entry.endswith(".py"):
+            listed.add(
+                entry if line.startswith("  ") and not line.startswith("    ") else folder + entry
+            )
+    package = README.parent / "streamavg"
+    tree = {
+        p.relative_to(package).as_posix() for p in package.rglob("*.py") if p.name != "__init__.py"
+    }
+    assert listed == tree
