@@ -130,3 +130,28 @@ def test_a_legacy_model_config_is_compared_without_layer_names(tmp_path):
         assert not first.h5  # settled, its HDF5 handle closed: model_config is read again
         assert [c.name for c in first.companions()] == ["model_config"]
         assert check_companions([first, second]) == []
+
+
+def functional(activation: str) -> keras.Model:
+    """`mlp` as a functional model: its config names layers in values too (inbound nodes)."""
+    inputs = keras.Input((4,))
+    hidden = keras.layers.Dense(8, activation=activation)(inputs)
+    return keras.Model(inputs, keras.layers.Dense(2)(hidden))
+
+
+def test_a_functional_model_built_twice_in_one_process_is_one_model(tmp_path):
+    keras.backend.clear_session()
+    functional("relu").save(tmp_path / "first.h5")  # input_layer, dense, dense_1
+    functional("relu").save(tmp_path / "second.h5")  # input_layer_1, dense_2, dense_3
+    functional("tanh").save(tmp_path / "third.h5")
+    with opened([tmp_path / "first.h5", tmp_path / "second.h5"]) as cks:
+        assert check_companions(cks) == []
+    with (
+        opened([tmp_path / "first.h5", tmp_path / "third.h5"]) as cks,
+        pytest.raises(StreamavgError) as e,
+    ):
+        check_companions(cks)
+    assert str(e.value) == (
+        f'{tmp_path / "first.h5"}: model_config: config.layers[1].config.activation is "relu" '
+        f'here, "tanh" (in {tmp_path / "third.h5"}){REFUSED}'
+    )
