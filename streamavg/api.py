@@ -161,9 +161,8 @@ def run(
             overwrite=overwrite,
         ) as write:
             if client is not None:
-                targets = getattr(write, "targets", None)
                 folding = {"allow_nonfinite": allow_nonfinite, "progress": progress}
-                fold_on(client, p.files, np.array(p.weights), averaged, targets, **folding)
+                fold_on(client, p.files, np.array(p.weights), averaged, write.targets, **folding)
             else:
                 fold(
                     checkpoints,

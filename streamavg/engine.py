@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextvars
 import math
 import os
-import re
 import resource
 import threading
 from collections import deque
@@ -25,7 +24,6 @@ import numpy as np
 from .blocks import block_shape, blocks
 from .errors import StreamavgError, UsageError, option
 from .formats import Reader, Tensor, open_checkpoint
-from .formats.hdf5 import BY_POSITION
 from .progress import bytes_bar
 from .remote import OPENERS, is_url
 
@@ -85,15 +83,15 @@ def _opened_together(paths: Sequence, newest: Reader, stack: ExitStack) -> Itera
 def check_matches(ck: Reader, ref: Reader) -> None:
     """Require the format, model tensor names, shapes and dtypes of `ref`.
 
-    A legacy `.h5` file is first matched to `ref` as Keras loads it, layer by layer in
-    order, and its tensors take `ref`'s names (see `match_by_position`).
+    A checkpoint whose loader matches tensors otherwise than by name is first matched to
+    `ref` (a legacy `.h5` file layer by layer in order, see `Reader.match`), its tensors
+    taking `ref`'s names.
     """
     if ck.format != ref.format:
         raise StreamavgError(
             f"{ck.path}: mixed formats: {ck.format} here, {ref.format} in {ref.path}"
         )
-    if ck.format in BY_POSITION:
-        match_by_position(ck, ref)
+    ck.match(ref)
     want, have = model_tensors(ref), model_tensors(ck)
     for name in want.keys() - have.keys():
         raise StreamavgError(f"{ck.path}: {name}: missing (present in {ref.path})")
@@ -106,41 +104,6 @@ def check_matches(ck: Reader, ref: Reader) -> None:
                 f"{ck.path}: {ck.stored_name(name)}: {_describe(t)} here, "
                 f"{_describe(r)} in {ref.path}"
             )
-
-
-def match_by_position(ck: Reader, ref: Reader) -> None:
-    """Pair a legacy file's tensors with `ref`'s by (layer, weight) position, as Keras
-    loads them, and rename them to `ref`'s names; the fold then reads one name in each.
-
-    Two runs of one architecture may name their layers differently (dense, dense_1 in one,
-    dense_1, dense in the other), so names cannot be matched; as a check that the models
-    agree, the paired weights must have the same leaf name (kernel, bias).
-    """
-    have, want = ck.layers, ref.layers
-    if len(have) != len(want):
-        raise StreamavgError(
-            f"{ck.path}: {len(have)} layers with weights here, {len(want)} in {ref.path}"
-        )
-    names = {}
-    for (layer, mine), (ref_layer, theirs) in zip(have, want, strict=True):
-        if len(mine) != len(theirs):
-            raise StreamavgError(
-                f"{ck.path}: {layer}: {len(mine)} weights here, "
-                f"{len(theirs)} in {ref_layer} of {ref.path}"
-            )
-        for name, ref_name in zip(mine, theirs, strict=True):
-            if _leaf(name) != _leaf(ref_name):
-                raise StreamavgError(
-                    f"{ck.path}: {name}: a {_leaf(name)}, where {ref.path} has a "
-                    f"{_leaf(ref_name)} ({ref_name}) in its place"
-                )
-            names[name] = ref_name
-    ck.rename(names)
-
-
-def _leaf(name: str) -> str:
-    """A weight's own name, without its layers' names or TensorFlow's ':0' suffix."""
-    return re.sub(r":\d+$", "", name.rsplit("/", 1)[-1])
 
 
 def model_tensors(ck: Reader) -> dict[str, Tensor]:

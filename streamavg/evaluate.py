@@ -20,8 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import StreamavgError, UsageError, option
-from .formats import open_checkpoint, require_regular_file
-from .formats.hdf5 import h5_like
+from .formats import SUFFIXES, open_checkpoint, require_regular_file
 from .monitor import check_mode
 
 ARCHITECTURES = (
@@ -68,7 +67,6 @@ def keras_scorer(
                 "sweep needs .keras or full-model .h5 checkpoints"
             )
         ck.check_heaps()  # Keras is about to decode its attributes
-        fmt = ck.format
     x, y = load_data(data)
     try:
         model = keras.saving.load_model(newest, safe_mode=True)
@@ -94,16 +92,17 @@ def keras_scorer(
             f"{option('metric')} {metric}: not among the model's metrics ({', '.join(names)})"
         )
     maximize = mode == "max" if mode != "auto" else higher_is_better(model, metric)
-    suffix = ".weights.h5" if fmt.startswith("keras") else ".h5"
 
     def evaluate(tensors: dict[str, np.ndarray]) -> float:
         with open_checkpoint(newest) as template, tempfile.TemporaryDirectory() as tmp:
-            path = Path(tmp) / f"average{suffix}"
+            path = Path(tmp) / f"average{SUFFIXES[template.format]}"
             # The template's optimizer state comes along, so Keras finds what it expects.
-            with h5_like(template, path, tensors, optimizer=True, provenance={}) as write:
+            with template.write_like(
+                path, tensors, optimizer=True, provenance={}, overwrite=False
+            ) as write:
                 for name, values in tensors.items():
                     write(name, values)
-            model.load_weights(path)
+            model.load_weights(path / template.files[0] if template.folder else path)
         return float(score(x, y)[metric])
 
     return evaluate, metric, maximize

@@ -17,8 +17,7 @@ import numpy as np
 
 from .api import Plan, Result, plan_tensors, run
 from .errors import StreamavgError, UsageError, option
-from .formats import open_checkpoint
-from .formats.base import PROVENANCE_KEY
+from .formats import PROVENANCE_KEY, open_checkpoint
 from .output import destination
 from .posthoc import SNAPSHOT_ATTR, check_sigma_rel, gamma, solve
 
@@ -44,12 +43,11 @@ def snapshots(directory: str | os.PathLike) -> list[Snapshot]:
     found = []
     for path in sorted(folder.glob("*.weights.h5")):
         with open_checkpoint(path) as ck:  # refuses, in one line, a file it cannot read
-            names = ck.h5.attrs  # names only: no attribute is decoded before check_heaps
-            if SNAPSHOT_ATTR not in names or PROVENANCE_KEY in names:
+            text = ck.attribute(SNAPSHOT_ATTR)
+            if text is None or ck.attribute(PROVENANCE_KEY) is not None:
                 continue
-            ck.check_heaps()
             try:
-                meta = json.loads(ck.h5.attrs[SNAPSHOT_ATTR])
+                meta = json.loads(text)
                 found.append(Snapshot(path, meta["sigma_rel"], meta["gamma"], meta["step"]))
             except (ValueError, KeyError, TypeError):
                 raise StreamavgError(f"{path}: {SNAPSHOT_ATTR} attribute is damaged") from None

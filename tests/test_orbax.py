@@ -31,6 +31,7 @@ from streamavg.blocks import block_shape, blocks
 from streamavg.cli import main
 from streamavg.errors import StreamavgError
 from streamavg.formats import averaged_by_streamavg, is_checkpoint_dir, open_checkpoint, orbax
+from streamavg.formats.base import Reader
 from streamavg.select import select_checkpoints
 
 STEPS = 5  # epochs, saved as steps 0..4
@@ -199,7 +200,7 @@ def test_optimizer_state_dropped_or_kept(runs):
 def test_listing(runs):
     step = runs["bf16"]["root"] / str(STEPS - 1)
     with open_checkpoint(step) as ck:
-        assert ck.format == "orbax"
+        assert ck.format == "orbax" and isinstance(ck, Reader)  # the adapter contract
         parts = {n: t.part for n, t in ck.tensors.items()}
         model = sorted(n for n, p in parts.items() if p == "model")
         assert model == [

@@ -11,7 +11,7 @@ import stat
 from collections.abc import Callable, Collection, Iterable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
-from typing import NamedTuple
+from typing import NamedTuple, Protocol, runtime_checkable
 
 import numpy as np
 
@@ -41,10 +41,6 @@ class Tensor(NamedTuple):
     @property
     def nbytes(self) -> int:
         return math.prod(self.shape) * self.dtype.itemsize
-
-
-#: A writer's `write(name, values, index)`: block `index` of tensor `name` (`()`: all of it).
-Write = Callable[[str, np.ndarray, tuple[slice, ...]], None]
 
 
 class Targets(NamedTuple):
@@ -77,11 +73,81 @@ class Companion(NamedTuple):
     json: bool = False
 
 
-class Reader:
-    """An open checkpoint of some container: its tensors, and block reads into buffers.
+@runtime_checkable
+class Write(Protocol):
+    """What a writer yields: `write(name, values, index)` fills block `index` of tensor
+    `name` (`()`: all of it), from any thread; `targets` says where other processes may
+    write the tensors themselves (None where they cannot: chunked, compressed)."""
 
-    Adapters set `path`, `format` (the name `inspect` prints) and `tensors` (the model's,
-    and the optimizer's when asked for), and implement `read`, `close` and `write_into`.
+    targets: Targets | None
+
+    def __call__(self, name: str, values: np.ndarray, index: tuple[slice, ...] = ()) -> None: ...
+
+
+@runtime_checkable
+class Reader(Protocol):
+    """An open checkpoint, as the engine, the CLI, Dask and the callbacks use it, whatever
+    its container: its tensors, block reads, checks, and a writer of a checkpoint like it.
+    Every adapter's checkpoints implement it (most through `ReaderBase`)."""
+
+    path: Path
+    format: str
+    tensors: dict[str, Tensor]
+    size: int
+    open_files: int
+    folder: bool
+
+    def read(self, name: str, index: tuple[slice, ...], out: np.ndarray) -> None: ...
+    def prefetch(self, name: str, index: tuple[slice, ...], merge: int = 0) -> None: ...
+    def read_whole(self, name: str) -> np.ndarray: ...
+    def whole_reads(self, name: str) -> bool: ...
+    def layer(self, name: str) -> str: ...
+    def stored_name(self, name: str) -> str: ...
+    def match(self, ref: Reader) -> None: ...
+    def check_heaps(self) -> None: ...
+    def settle(self, release: bool) -> None: ...
+    def check_unchanged(self) -> None: ...
+    def companions(self) -> list[Companion]: ...
+    def attribute(self, key: str) -> str | None: ...
+    def write_like(
+        self,
+        dest: Path,
+        fresh: Collection[str],
+        *,
+        optimizer: bool,
+        provenance: dict,
+        overwrite: bool,
+    ) -> AbstractContextManager[Write]: ...
+    def close(self) -> None: ...
+    def __enter__(self) -> Reader: ...
+    def __exit__(self, *exc: object) -> None: ...
+
+    @property
+    def provenance(self) -> dict | None: ...
+
+    @property
+    def files(self) -> list[str]: ...
+
+
+@runtime_checkable
+class Adapter(Protocol):
+    """A container's module: which formats it reads, under which names their loaders
+    read them, whether it reads a path, and how it opens one."""
+
+    SUFFIXES: dict[str, str]  # format -> the suffix of a default output ("" for a folder)
+    ACCEPTED: dict[str, tuple[str, ...]]  # format -> the names its loader reads a file under
+
+    def claims(self, path: Path, head: bytes) -> bool: ...
+    def open_checkpoint(
+        self, path: Path, *, optimizer: bool = False, like: Reader | None = None
+    ) -> Reader: ...
+    def averaged(self, path: Path) -> bool: ...
+
+
+class ReaderBase:
+    """What most readers share (see `Reader`): adapters set `path`, `format` (the name
+    `inspect` prints) and `tensors` (the model's, and the optimizer's when asked for), and
+    implement `read`, `close` and `write_into`; the rest has defaults.
     """
 
     path: Path
@@ -166,6 +232,14 @@ class Reader:
         """What tensor `name` is called in the file (the same, unless the adapter renamed it)."""
         return name
 
+    def match(self, ref: Reader) -> None:
+        """Make this checkpoint's tensor names `ref`'s where its loader matches them
+        otherwise than by name (a legacy `.h5` file, by layer position)."""
+
+    def attribute(self, key: str) -> str | None:
+        """A text attribute that the weights file carries at its root (HDF5), if any."""
+        return None
+
     def check_heaps(self) -> None:
         """Refuse metadata that a library would loop on forever when decoding it (see
         `hdf5.Checkpoint.check_heaps`): call before a library reads the checkpoint's
@@ -181,7 +255,7 @@ class Reader:
     def close(self) -> None:
         raise NotImplementedError
 
-    def __enter__(self) -> Reader:
+    def __enter__(self) -> ReaderBase:
         return self
 
     def __exit__(self, *exc: object) -> None:

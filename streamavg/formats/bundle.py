@@ -35,7 +35,7 @@ import numpy as np
 from ..errors import StreamavgError
 from ..remote import as_path
 from . import hdf5, keras_sharded, safetensors
-from .base import Companion, Reader, Targets, Write, file_companion, stat_of
+from .base import Companion, Reader, ReaderBase, Targets, Write, file_companion, stat_of
 
 SUFFIXES = {"keras-dir": "", "keras-hub": "", "huggingface": "", "peft": "", "accelerate": ""}
 ACCEPTED: dict[str, tuple[str, ...]] = {}
@@ -124,7 +124,7 @@ def averaged(path: Path) -> bool:
         return False
 
 
-class Folder(Reader):
+class Folder(ReaderBase):
     """An open checkpoint folder: each weights file opened by its adapter, and its tensors
     under their own names (with one weights file) or as `FILE/NAME` (with several)."""
 

@@ -16,6 +16,7 @@ import itertools
 import json
 import math
 import os
+import re
 import struct
 from collections.abc import Collection, Iterator
 from contextlib import AbstractContextManager, ExitStack, closing, contextmanager, suppress
@@ -33,7 +34,7 @@ from .base import (
     PROVENANCE_KEY,
     Companion,
     LocalFile,
-    Reader,
+    ReaderBase,
     Targets,
     Tensor,
     Write,
@@ -121,7 +122,7 @@ def _part(fmt: str, name: str) -> str:
     return "model" if root == _MODEL_GROUP.get(fmt, root) else "other"
 
 
-class Checkpoint(Reader):
+class Checkpoint(ReaderBase):
     """An open HDF5 checkpoint: its format, its tensors, and block reads into buffers.
 
     Only the model's tensors are listed unless `optimizer` is true. Contiguous data in
@@ -459,32 +460,63 @@ class Checkpoint(Reader):
 
     @property
     def provenance(self) -> dict | None:
-        self.check_heaps()  # before an attribute is decoded
-        if self._like is not None:
-            return self._like.provenance
-        value = self.h5.attrs.get(PROVENANCE_KEY)
-        return None if value is None else json.loads(_text(value))
+        value = self.attribute(PROVENANCE_KEY)
+        return None if value is None else json.loads(value)
 
-    def companions(self) -> list[Companion]:
-        """A legacy full model's architecture: its `model_config` attribute (JSON). Not its
-        `training_config`, whose learning rate changes as the model trains."""
-        if self.format != "legacy-h5":
-            return []
+    def attribute(self, key: str) -> str | None:
+        """Root attribute `key` as text, its heaps checked before it is decoded."""
         if self._like is not None:
-            return self._like.companions()  # the same bytes
-        self.check_heaps()  # before an attribute is decoded
+            return self._like.attribute(key)  # the same bytes
+        self.check_heaps()
         try:
             with ExitStack() as stack:  # reopened where `settle` closed it (closed: false)
                 h5 = self.h5 or stack.enter_context(
                     h5py.File(self._member or self._source.handle(), "r")
                 )
-                value = h5.attrs.get("model_config")
+                value = h5.attrs.get(key)
         except HDF5_ERRORS as e:
             raise StreamavgError(f"{self.path}: corrupt HDF5 ({reason(e)})") from None
-        if value is None:
+        return None if value is None else _text(value)
+
+    def companions(self) -> list[Companion]:
+        """A legacy full model's architecture: its `model_config` attribute (JSON). Not its
+        `training_config`, whose learning rate changes as the model trains."""
+        config = self.attribute("model_config") if self.format == "legacy-h5" else None
+        if config is None:
             return []
-        config = _text(value).encode()
-        return [Companion("model_config", len(config), lambda: iter((config,)), json=True)]
+        data = config.encode()
+        return [Companion("model_config", len(data), lambda: iter((data,)), json=True)]
+
+    def match(self, ref: Checkpoint) -> None:
+        """Pair a legacy file's tensors with `ref`'s by (layer, weight) position, as Keras
+        loads them, and rename them to `ref`'s names; the fold then reads one name in each.
+
+        Two runs of one architecture may name their layers differently (dense, dense_1 in
+        one, dense_1, dense in the other), so names cannot be matched; as a check that the
+        models agree, the paired weights must have the same leaf name (kernel, bias).
+        """
+        if self.format not in BY_POSITION:
+            return
+        have, want = self.layers, ref.layers
+        if len(have) != len(want):
+            raise StreamavgError(
+                f"{self.path}: {len(have)} layers with weights here, {len(want)} in {ref.path}"
+            )
+        names = {}
+        for (layer, mine), (ref_layer, theirs) in zip(have, want, strict=True):
+            if len(mine) != len(theirs):
+                raise StreamavgError(
+                    f"{self.path}: {layer}: {len(mine)} weights here, "
+                    f"{len(theirs)} in {ref_layer} of {ref.path}"
+                )
+            for name, ref_name in zip(mine, theirs, strict=True):
+                if _leaf(name) != _leaf(ref_name):
+                    raise StreamavgError(
+                        f"{self.path}: {name}: a {_leaf(name)}, where {ref.path} has a "
+                        f"{_leaf(ref_name)} ({ref_name}) in its place"
+                    )
+                names[name] = ref_name
+        self.rename(names)
 
     def write_into(
         self, tmp: Path, fresh: Collection[str], *, optimizer: bool, provenance: dict
@@ -504,6 +536,11 @@ class Checkpoint(Reader):
         self._close_h5()
         self._close_member()
         self._source.close()
+
+
+def _leaf(name: str) -> str:
+    """A weight's own name, without its layers' names or TensorFlow's ':0' suffix."""
+    return re.sub(r":\d+$", "", name.rsplit("/", 1)[-1])
 
 
 def _text(value: object) -> str:

@@ -28,7 +28,7 @@ from ..remote import as_path
 from . import hdf5
 from .base import (
     PROVENANCE_KEY,
-    Reader,
+    ReaderBase,
     Targets,
     Write,
     check_same,
@@ -128,7 +128,7 @@ def _listed(path: Path, weight_map: dict) -> dict[str, list[str]]:
     return listed
 
 
-class Sharded(Reader):
+class Sharded(ReaderBase):
     """An open sharded checkpoint: one HDF5 reader per shard, in the order the manifest
     first names them, and the tensors of all, each read from the shard holding it.
 

@@ -50,6 +50,7 @@ from ..remote import as_path, errors, is_url
 from .base import (
     Companion,
     Reader,
+    ReaderBase,
     Tensor,
     Write,
     check_same,
@@ -219,7 +220,7 @@ def _supported(dtype: np.dtype, part: str) -> bool:
     return dtype.kind in "iub" or dtype.name == "bfloat16" or part != "model"
 
 
-class Checkpoint(Reader):
+class Checkpoint(ReaderBase):
     """An open Orbax step: its arrays listed from the pytree's metadata, each opened with
     TensorStore; the model's, the metrics' and, with `optimizer`, the optimizer's."""
 
@@ -424,6 +425,7 @@ class Checkpoint(Reader):
         def write(name: str, values: np.ndarray, index: tuple[slice, ...] = ()) -> None:
             writers[name].write(values, index)
 
+        write.targets = None  # chunked and compressed: no process may write at offsets
         yield write
         for name, w in writers.items():
             if w.pending:

@@ -30,6 +30,7 @@ from ..publish import OffsetWriter
 from .base import (
     PROVENANCE_KEY,
     Reader,
+    ReaderBase,
     Targets,
     Tensor,
     Write,
@@ -269,7 +270,7 @@ def _check_tiling(path: Path, entries: dict[str, _Entry], size: int) -> None:
         )
 
 
-class _Safetensors(Reader):
+class _Safetensors(ReaderBase):
     """What one file and a sharded folder share: tensors found in their files, read there."""
 
     def _list(self, files: dict[str, _File]) -> None:
