@@ -18,7 +18,6 @@ from pathlib import Path
 
 import numpy as np
 
-from .blocks import flat_start
 from .engine import fold, open_all
 from .errors import StreamavgError, UsageError, command_line, on_command_line
 from .formats import Tensor
@@ -135,8 +134,7 @@ def _fold_group(
 
         def write(t: Tensor, index: tuple[slice, ...], values: np.ndarray) -> None:
             path, offset = places[t.name]
-            data = np.ascontiguousarray(values)
-            writers[path].write(offset + flat_start(t.shape, index) * data.itemsize, data)
+            writers[path].write_block(offset, t.shape, index, values)
 
         fold(checkpoints, weights, tensors, write, allow_nonfinite=allow_nonfinite)
     return sums

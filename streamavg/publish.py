@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .blocks import flat_start
 from .errors import WRITE_ERRORS, StreamavgError, UsageError, option, reason, system_errno
 
 FLUSH_BYTES = 64 << 20  # start writing to disk after this much new data, not all at the end
@@ -252,6 +253,14 @@ class OffsetWriter:
                     self._flushing.result()  # finished: raises its error, if it had one
                 self._unflushed = 0
                 self._flushing = self._flusher.submit(self._flush)
+
+    def write_block(
+        self, offset: int, shape: tuple[int, ...], index: tuple[slice, ...], values: np.ndarray
+    ) -> None:
+        """Write block `index` (see `blocks.blocks`) of a C-ordered tensor of `shape` whose
+        data starts at byte `offset`."""
+        data = np.ascontiguousarray(values)
+        self.write(offset + flat_start(shape, index) * data.itemsize, data)
 
     def _flush(self) -> None:
         os.fdatasync(self._fd)

@@ -628,7 +628,7 @@ def h5_like(
                 if offset is None:
                     ds.write_direct(data, dest_sel=index or None)
                 else:
-                    writer.write(offset + flat_start(ds.shape, index) * data.itemsize, data)
+                    writer.write_block(offset, ds.shape, index, data)
 
             places = {name: (path, offset) for name, offset in offsets.items()}
             write.targets = Targets(places, checksums)  # for writers in other processes

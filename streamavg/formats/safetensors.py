@@ -516,8 +516,7 @@ def _written(
 
         def write(name: str, values: np.ndarray, index: tuple[slice, ...] = ()) -> None:
             writer, start, shape = targets[name]
-            data = np.ascontiguousarray(values)
-            writer.write(start + flat_start(shape, index) * data.itemsize, data)
+            writer.write_block(start, shape, index, values)
 
         write.targets = Targets(places, None)  # for writers in other processes
         yield write
