@@ -29,7 +29,8 @@ VOLATILE = re.compile(
     r"^(name|date_saved|shared_object_id|compile_config|training_config|_name_or_path"
     r"|_commit_hash|.*_version)$"
 )
-MAX_JSON = 16 << 20  # bytes: a config is small; a larger JSON companion is compared as bytes
+MAX_JSON = 1 << 20  # bytes: a config is small; a larger JSON file (a tokenizer's) is compared
+# byte for byte, a piece at a time, never held whole
 
 
 def check_companions(checkpoints: Sequence[Reader], policy: str = "equal") -> list[str]:

@@ -27,6 +27,7 @@ from typing import NamedTuple
 
 from .errors import StreamavgError, UsageError, option
 from .formats import (
+    SHARD,
     averaged_by_streamavg,
     being_written,
     check_checkpoint,
@@ -54,7 +55,6 @@ from .remote import OPENERS, absolute, as_path, errors, is_url
 KINDS = "(*.keras, *.h5, *.hdf5, *.weights.json, *.safetensors, or a checkpoint folder)"
 MTIME_NOTE = "file names carry no epoch number; ordered by modification time"
 _DIGITS = re.compile(r"(\d+)")
-_SHARD = re.compile(r"-\d+-of-\d+\.safetensors$")  # as Hugging Face names a shard
 
 
 class Selection(NamedTuple):
@@ -200,7 +200,7 @@ def _files(directory: Path, pattern: str | None, notes: list[str] | None = None)
                 partial.append(f"{p}: {why}")
         elif p.name in owned:
             continue
-        elif _SHARD.search(p.name):
+        elif SHARD.search(p.name):
             partial.append(f"{p}: a shard, but no index lists it: still being written?")
         elif pattern or p.name.endswith(CHECKPOINT_SUFFIXES):
             found.append(p)
@@ -276,6 +276,8 @@ def _take(
         paths, named = [p for p in found if p.parent != item or p.is_dir()], False
     elif is_checkpoint_dir(item):
         paths, named = [item], True
+    elif item.is_dir() and (why := being_written(item)):
+        raise StreamavgError(f"{item}: {why}")
     elif item.is_dir():
         paths, named = _scan(item, pattern, notes), False
     elif item.exists():

@@ -87,7 +87,78 @@ def test_directory_and_files_mixed_and_deduplicated(tmp_path):
 def test_last_keeps_newest_in_order(tmp_path):
     touch(tmp_path, *(f"model_{e}.keras" for e in range(1, 7)))
     assert names([tmp_path], last=3) == ["model_4.keras", "model_5.keras", "model_6.keras"]
+    assert select_checkpoints([tmp_path], last=3).notes == ()
     assert len(names([tmp_path], last=99)) == 6
+    assert select_checkpoints([tmp_path], last=10).notes == (
+        "last=10: only 6 checkpoints to choose from, all taken",
+    )
+
+
+def test_a_symbolic_link_loop_is_one_line(tmp_path):
+    touch(tmp_path, "model_1.keras")
+    os.symlink(tmp_path / "model_2.keras", tmp_path / "model_2.keras")
+    error(StreamavgError, f"{tmp_path / 'model_2.keras'}: a symbolic link loop", [tmp_path])
+
+
+@pytest.mark.parametrize("path", ["/proc/self/status", "/dev/null"])
+def test_a_named_path_that_is_no_checkpoint_is_refused(tmp_path, path):
+    touch(tmp_path, "model_1.keras")
+    why = {
+        "/proc/self/status": "not a checkpoint (neither HDF5, .keras nor safetensors)",
+        "/dev/null": "not a regular file (a device, FIFO or socket)",
+    }[path]
+    error(StreamavgError, f"{path}: {why}", [tmp_path / "model_1.keras", path])
+
+
+def trainer_folder(folder: Path, *names: str) -> Path:
+    """A checkpoint folder as a Trainer leaves it, with `names` (empty files) beside config."""
+    folder.mkdir(parents=True)
+    touch(folder, "config.json", *names)
+    return folder
+
+
+def test_checkpoint_folders_still_being_written_are_left_out_with_a_note(tmp_path):
+    for step in (100, 200):
+        trainer_folder(tmp_path / f"checkpoint-{step}", "model.safetensors", "optimizer.pt")
+    trainer_folder(tmp_path / "checkpoint-300", "optimizer.pt")
+    trainer_folder(tmp_path / "checkpoint-400", "model-00001-of-00002.safetensors")
+    sel = select_checkpoints([tmp_path])
+    assert [p.name for p in sel.paths] == ["checkpoint-100", "checkpoint-200"]
+    assert sel.notes == (
+        f"left out {tmp_path / 'checkpoint-300'}: no weights file (only config.json, "
+        "optimizer.pt): still being written?",
+        f"left out {tmp_path / 'checkpoint-400'}: holds shards "
+        "(model-00001-of-00002.safetensors, ...) but no index: still being written?",
+    )
+    error(
+        StreamavgError,
+        f"{tmp_path / 'checkpoint-300'}: no weights file (only config.json, optimizer.pt): "
+        "still being written?",
+        [tmp_path / "checkpoint-300"],
+    )
+
+
+def test_a_shard_without_its_index_is_never_taken_alone(tmp_path):
+    touch(tmp_path, "model-00001-of-00002.safetensors", "step_1.safetensors", "step_2.safetensors")
+    sel = select_checkpoints([tmp_path])
+    assert [p.name for p in sel.paths] == ["step_1.safetensors", "step_2.safetensors"]
+    assert sel.notes == (
+        f"left out {tmp_path / 'model-00001-of-00002.safetensors'}: a shard, but no index "
+        "lists it: still being written?",
+    )
+
+
+def test_a_run_folder_with_its_final_model_averages_its_checkpoint_folders(tmp_path):
+    run = trainer_folder(tmp_path / "run", "model.safetensors", "training_args.bin")
+    for step in (2, 4, 10):
+        trainer_folder(run / f"checkpoint-{step}", "model.safetensors")
+    sel = select_checkpoints([run], last=2)
+    assert [p.name for p in sel.paths] == ["checkpoint-4", "checkpoint-10"]
+    assert sel.notes == (
+        f"{run}: averaging the checkpoint folders in it (checkpoint-10, ...), not the model "
+        "saved in the folder itself (name the folders to choose otherwise)",
+    )
+    assert names([run], pattern="checkpoint-1*") == ["checkpoint-10"]
 
 
 # -- epochs -------------------------------------------------------------------------------
@@ -671,3 +742,10 @@ def test_a_scan_looks_for_every_file_container():
     for fmt, suffixes in ACCEPTED.items():
         for suffix in suffixes:
             assert suffix.endswith(CHECKPOINT_SUFFIXES), (fmt, suffix)
+
+
+def test_a_config_beside_checkpoint_files_is_no_checkpoint_being_written(tmp_path):
+    touch(tmp_path, "config.json", "step_1.safetensors", "step_2.safetensors")
+    sel = select_checkpoints([tmp_path])
+    assert [p.name for p in sel.paths] == ["step_1.safetensors", "step_2.safetensors"]
+    assert sel.notes == ()

@@ -28,11 +28,13 @@ from ..errors import StreamavgError
 from ..remote import as_path
 from . import bundle, hdf5, keras_sharded, keras_zip, orbax, safetensors
 from .base import PROVENANCE_KEY, Reader, Tensor, open_file, require_regular_file, stat_of
+from .bundle import SHARD
 
 __all__ = [
     "ACCEPTED",
     "FOLDERS",
     "PROVENANCE_KEY",
+    "SHARD",
     "SUFFIXES",
     "Reader",
     "Tensor",

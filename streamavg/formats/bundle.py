@@ -50,6 +50,7 @@ LOADED = (
     "diffusion_pytorch_model.safetensors",
 )
 INDEX = safetensors.INDEX_SUFFIX
+SHARD = re.compile(r"-\d+-of-\d+\.safetensors$")  # as Hugging Face names a shard
 ACCELERATE = re.compile(r"random_states_\d+\.pkl")  # accelerate.save_state's RNG state
 #: Training state (Trainer, accelerate, DeepSpeed): left out of an average.
 STATE = re.compile(
@@ -101,14 +102,14 @@ def missing(path: Path) -> str | None:
         names = sorted(p.name for p in path.iterdir() if p.is_file())
     except OSError:
         return None
-    if kind(path) is not None or not names:
-        return None
-    shards = [n for n in names if re.search(r"-\d+-of-\d+\.safetensors$", n)]
+    marked = set(names) & set(MARKERS) or any(STATE.fullmatch(n) for n in names)
+    shards = [n for n in names if SHARD.search(n)]
+    checkpoints = [n for n in names if n.endswith(WEIGHTS_LIKE) and n not in shards]
+    if not marked or kind(path) is not None or any(not STATE.fullmatch(n) for n in checkpoints):
+        return None  # a folder of checkpoints, perhaps with a config beside them
     if shards:
         return f"holds shards ({shards[0]}, ...) but no index: still being written?"
-    if set(names) & set(MARKERS) or any(STATE.fullmatch(n) for n in names):
-        return f"no weights file (only {', '.join(names)}): still being written?"
-    return None
+    return f"no weights file (only {', '.join(names)}): still being written?"
 
 
 def open_checkpoint(path: Path, *, optimizer: bool = False, like: Folder | None = None) -> Folder:
