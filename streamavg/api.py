@@ -25,7 +25,7 @@ from .cluster import fold_on
 from .companions import check_companions
 from .engine import MIN_MEMORY, fold, model_tensors, open_all, taken_whole, to_average
 from .errors import UsageError, option
-from .formats import SUFFIXES, open_checkpoint
+from .formats import SUFFIXES, format_of
 from .names import below, common_dir
 from .output import resolve
 from .schemes import scheme_weights
@@ -95,8 +95,7 @@ def plan(
     w = scheme_weights(scheme, len(sel.paths), alpha=alpha, weights=weights)
     name = "weights" if weights is not None else scheme
     alpha = alpha if name == "exp" else None
-    with open_checkpoint(sel.paths[-1]) as newest:  # metadata only
-        fmt = newest.format
+    fmt = format_of(sel.paths[-1])
     return Plan(sel.paths, tuple(w.tolist()), name, alpha, sel.by_mtime, sel.notes, fmt)
 
 

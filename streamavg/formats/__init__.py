@@ -41,6 +41,7 @@ __all__ = [
     "averaged_by_streamavg",
     "being_written",
     "check_checkpoint",
+    "format_of",
     "holds_weights",
     "is_checkpoint_dir",
     "open_checkpoint",
@@ -72,6 +73,17 @@ def _adapter(path: Path) -> ModuleType:
     if folder:
         raise StreamavgError(f"{path}: is a directory, not a checkpoint")
     raise StreamavgError(f"{path}: not a checkpoint (neither HDF5, .keras nor safetensors)")
+
+
+def format_of(path: str | os.PathLike) -> str:
+    """The format of checkpoint `path`: told by its adapter, which opens it only where it
+    reads several (HDF5's kinds, checkpoint folders)."""
+    path = as_path(path)
+    adapter = _adapter(path)
+    if len(adapter.SUFFIXES) == 1:
+        return next(iter(adapter.SUFFIXES))
+    with adapter.open_checkpoint(path) as ck:
+        return ck.format
 
 
 def check_checkpoint(path: str | os.PathLike) -> None:
