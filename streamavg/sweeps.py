@@ -20,6 +20,7 @@ from typing import NamedTuple
 
 import numpy as np
 
+from .companions import check_companions
 from .engine import model_tensors, open_all, to_average
 from .formats import Reader, Tensor
 from .schemes import scheme_weights
@@ -99,6 +100,7 @@ def sweep(
     scores = {}
     with ExitStack() as stack:
         checkpoints = open_all(files, stack)
+        check_companions(checkpoints)  # the same model in every checkpoint
         newest, averaged = checkpoints[-1], to_average(checkpoints, integers=integers)
         for n, ck in enumerate(reversed(checkpoints), 1):
             scores[n] = evaluate(_stored(newest, last.add(_read(ck, averaged))))
@@ -124,6 +126,7 @@ def greedy_soup(
     files = select_checkpoints(paths, **select).paths
     with ExitStack() as stack:
         checkpoints = open_all(files, stack)
+        check_companions(checkpoints)  # the same model in every checkpoint
         newest, averaged = checkpoints[-1], to_average(checkpoints, integers=integers)
         singles = {ck.path: evaluate(_stored(newest, _read(ck, averaged))) for ck in checkpoints}
         ranked = sorted(checkpoints, key=lambda ck: -sign * singles[ck.path])

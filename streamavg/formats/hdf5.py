@@ -1,6 +1,6 @@
 """HDF5 checkpoints: Keras 3 `.weights.h5`, and legacy `.h5` from Keras 2 and 3 (full
 models and weights only), told apart by content. Also the HDF5 image inside a `.keras`
-archive or folder, which `keras_zip` and `keras_dir` open through this reader.
+archive, which `keras_zip` opens through this reader, and in checkpoint folders (`bundle`).
 
 The reader lists datasets in one C-level visit and reads contiguous data with `os.preadv`
 straight from the file; the writer copies the template's groups and attributes and writes
@@ -58,7 +58,6 @@ MAGIC = b"\x89HDF\r\n\x1a\n"
 OPTIMIZER_GROUP = {
     "keras": "optimizer",
     "keras-weights": "optimizer",
-    "keras-dir": "optimizer",
     "legacy-h5": "optimizer_weights",
 }
 _MODEL_GROUP = {"legacy-h5": "model_weights"}
@@ -142,7 +141,6 @@ class Checkpoint(ReaderBase):
         *,
         optimizer: bool = False,
         image: tuple[BinaryIO, LocalFile, int | None, int] | None = None,
-        file: Path | None = None,
         format: str | None = None,
         like: Checkpoint | None = None,
     ) -> None:
@@ -152,8 +150,8 @@ class Checkpoint(ReaderBase):
         self._base: int | None = 0
         if image is not None:
             self._member, self._source, self._base, self.size = image
-        else:  # the HDF5 file, inside folder `path` for keras_dir
-            self._source = open_file(file or self.path)
+        else:  # the HDF5 file itself
+            self._source = open_file(self.path)
             self.size = self._source.size
         self.tensors: dict[str, Tensor] = {}
         self._stored: dict[str, str] = {}  # names in this file, where `rename` changed them
