@@ -48,20 +48,23 @@ LOADED = (
     "model.safetensors",
     "adapter_model.safetensors",
     "diffusion_pytorch_model.safetensors",
+    "pytorch_model.bin",  # pickles: such a folder is refused, naming them
+    "adapter_model.bin",
 )
 INDEX = safetensors.INDEX_SUFFIX
 SHARD = re.compile(r"-\d+-of-\d+\.safetensors$")  # as Hugging Face names a shard
 ACCELERATE = re.compile(r"random_states_\d+\.pkl")  # accelerate.save_state's RNG state
 #: Training state (Trainer, accelerate, DeepSpeed): left out of an average.
 STATE = re.compile(
-    r"(optimizer|scheduler|scaler)[^/]*\.(pt|bin)|rng_state[^/]*\.pth|random_states_\d+\.pkl"
-    r"|trainer_state\.json|training_args\.bin|global_step\d+/.*|latest|zero_to_fp32\.py"
+    r"(optimizer|scheduler|scaler|sampler|dl_state_dict)[^/]*\.(pt|bin)|rng_state[^/]*\.pth"
+    r"|(random_states|custom_checkpoint)_\d+\.pkl|trainer_state\.json|training_args\.bin"
+    r"|(global_step\d+|optimizer_\d+)/.*|latest|zero_to_fp32\.py"
 )
 #: Companions taken from the newest without comparing: they do not change what weights mean.
 COPIED = re.compile(r"(.*/)?(README\.md|generation_config\.json|\.gitattributes)")
 #: Names of weights that no adapter reads: refused, as they would be neither averaged nor copied.
 WEIGHTS_LIKE = (".safetensors", ".h5", ".hdf5", ".keras", ".bin", ".pt", ".pth", ".ckpt")
-WEIGHTS_LIKE += (".msgpack", ".gguf", ".onnx", ".pkl", ".npz")
+WEIGHTS_LIKE += (".msgpack", ".gguf", ".onnx", ".pkl", ".npz", ".distcp")
 
 
 def kind(path: Path) -> str | None:
