@@ -35,8 +35,9 @@ streamavg [options] PATH...              average checkpoints into one
        streamavg -h | -V                        help, version"""
 
 DESCRIPTION = """\
-Average checkpoints (.keras, .weights.h5, .weights.json, legacy .h5, Orbax, safetensors)
-into one of their own format, with constant memory.
+Average checkpoints (.keras, .weights.h5, .weights.json, legacy .h5, Orbax, safetensors,
+and folders as their loaders take them: KerasHub presets, Hugging Face, PEFT) into one of
+their own format, with constant memory.
 Checkpoints are ordered by the epoch number in their names; the newest weighs most.
 Run `streamavg inspect FILE` to list a checkpoint's tensors, and `streamavg sweep` to
 score the average of the last n checkpoints for every n (or a greedy soup)."""
