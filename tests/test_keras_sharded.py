@@ -208,6 +208,12 @@ def set_group(group: str, value: object):
     return edit_map(lambda weight_map: weight_map.__setitem__(group, value))
 
 
+def repeat_group(manifest: Path) -> None:
+    """DENSE listed twice, first naming no shard: where the last value wins, it is unseen."""
+    text = manifest.read_text().replace('"weight_map": {', f'"weight_map": {{"{DENSE}": [], ', 1)
+    manifest.write_text(text)
+
+
 def copy_kernel_into_the_next_shard(manifest: Path) -> None:
     with (
         h5py.File(manifest.with_name("epoch_2_00000.weights.h5")) as src,
@@ -221,11 +227,11 @@ DENSE = "/layers/dense/vars"
 HOSTILE = {
     "escaping shard name": (
         set_group(DENSE, ["../ckpt/epoch_2_00000.weights.h5"]),
-        f"{DENSE}: shard '../ckpt/epoch_2_00000.weights.h5' is not a file in the manifest's folder",
+        f"{DENSE}: '../ckpt/epoch_2_00000.weights.h5' is not a file name in this folder",
     ),
     "absolute shard name": (
         set_group(DENSE, "/etc/passwd"),
-        f"{DENSE}: shard '/etc/passwd' is not a file in the manifest's folder",
+        f"{DENSE}: '/etc/passwd' is not a file name in this folder",
     ),
     "missing shard": (
         lambda m: m.with_name("epoch_2_00001.weights.h5").unlink(),
@@ -234,20 +240,32 @@ HOSTILE = {
     ),
     "not JSON": (
         lambda m: m.write_bytes(m.read_bytes()[:100]),
-        "corrupt manifest (not JSON)",
+        "corrupt sharded-weights manifest (not UTF-8 JSON)",
     ),
+    "nested too deeply": (
+        lambda m: m.write_text('{"metadata": ' + "[" * 100_000),
+        "corrupt sharded-weights manifest (nested too deeply)",
+    ),
+    "lone surrogate in a shard name": (
+        set_group(DENSE, ["\ud800"]),  # written as the escape "\ud800", which UTF-8 cannot hold
+        "corrupt sharded-weights manifest (not UTF-8 JSON)",
+    ),
+    "group listed twice": (repeat_group, f"{DENSE}: listed twice"),
     "not a manifest": (
         lambda m: m.write_text('{"weights": {}}'),
-        'corrupt manifest (not {"metadata": {...}, "weight_map": {...}})',
+        'corrupt sharded-weights manifest (not {"metadata": {...}, "weight_map": {...}})',
     ),
-    "no shards": (edit_map(dict.clear), "corrupt manifest (its weight_map lists no shards)"),
+    "no shards": (
+        edit_map(dict.clear),
+        "corrupt sharded-weights manifest (its weight_map lists no shards)",
+    ),
     "too large": (
         lambda m: os.truncate(m, (64 << 20) + 1),  # sparse: nothing is written, or read
-        f"{(64 << 20) + 1:,} bytes, too large for a sharded-weights manifest",
+        f"sharded-weights manifest of {(64 << 20) + 1:,} bytes, over the limit of {64 << 20:,}",
     ),
     "not shard names": (
         set_group(DENSE, [3]),
-        f"{DENSE}: names no shard (want a file name or a list of file names)",
+        f"{DENSE}: not a shard file name or a list of them",
     ),
     "tensor in two shards": (
         copy_kernel_into_the_next_shard,

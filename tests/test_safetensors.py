@@ -309,17 +309,17 @@ HOSTILE = {  # file contents -> the refusal after "<file>: "
         raw(b"{}", length=1000),
         "safetensors header of 1,000 bytes runs past the end of the file (10 bytes; truncated?)",
     ),
-    "not UTF-8": (raw(b'{"\xff": 1}'), "safetensors header is not UTF-8 JSON"),
-    "not JSON": (raw(b'{"a": '), "safetensors header is not UTF-8 JSON"),
+    "not UTF-8": (raw(b'{"\xff": 1}'), "corrupt safetensors header (not UTF-8 JSON)"),
+    "not JSON": (raw(b'{"a": '), "corrupt safetensors header (not UTF-8 JSON)"),
     "lone surrogate": (
         raw(b'{"\\ud800": ' + json.dumps(entry()).encode() + b"}", bytes(8)),
-        "safetensors header is not UTF-8 JSON",
+        "corrupt safetensors header (not UTF-8 JSON)",
     ),
-    "nested too deeply": (raw(b"[" * 100_000), "safetensors header nested too deeply"),
-    "not an object": (raw([1, 2]), "safetensors header is not a JSON object"),
+    "nested too deeply": (raw(b"[" * 100_000), "corrupt safetensors header (nested too deeply)"),
+    "not an object": (raw([1, 2]), "corrupt safetensors header (not a JSON object)"),
     "duplicate tensor": (
         raw(b'{"%s": %s, "%s": %s}' % ((W.encode(), json.dumps(entry()).encode()) * 2), bytes(8)),
-        f"{W}: listed twice in the header",
+        f"{W}: listed twice",
     ),
     "entry not an object": (raw({W: [1]}), f"{W}: header entry is not an object"),
     "no dtype": (
@@ -449,19 +449,25 @@ def reshard(extra: str):
 
 
 ESCAPE = "../checkpoint-100/model-00001-of-00003.safetensors"
+#: (braces doubled: each message is formatted with the folder)
+NOT_AN_INDEX = ': corrupt safetensors index (not {{"metadata": {{...}}, "weight_map": {{...}}}})'
 SHARDED_HOSTILE = {  # folder -> (damage, the refusal, with {d} the folder)
-    "index not JSON": (write_index("{"), "{d}/" + INDEX + ": not UTF-8 JSON"),
-    "no weight_map": (
-        write_index('{"metadata": {}}'),
-        "{d}/" + INDEX + ": not a safetensors index (no weight_map of tensor names to shard files)",
+    "index not JSON": (
+        write_index("{"),
+        "{d}/" + INDEX + ": corrupt safetensors index (not UTF-8 JSON)",
     ),
+    "no weight_map": (write_index('{"metadata": {}}'), "{d}/" + INDEX + NOT_AN_INDEX),
     "shard not a string": (
         edit_index(lambda i: i["weight_map"].update({BIG: 1})),
-        "{d}/" + INDEX + ": not a safetensors index (no weight_map of tensor names to shard files)",
+        "{d}/" + INDEX + f": {BIG}: not a shard file name",
+    ),
+    "shards in a list": (
+        edit_index(lambda i: i["weight_map"].update({BIG: [SHARDS[0]]})),
+        "{d}/" + INDEX + f": {BIG}: not a shard file name",
     ),
     "metadata not an object": (
         edit_index(lambda i: i.update(metadata=[])),
-        "{d}/" + INDEX + ": metadata is not an object",
+        "{d}/" + INDEX + NOT_AN_INDEX,
     ),
     "tensor listed twice": (
         write_index(f'{{"weight_map": {{"{BIG}": "{SHARDS[0]}", "{BIG}": "{SHARDS[1]}"}}}}'),
@@ -507,7 +513,7 @@ SHARDED_HOSTILE = {  # folder -> (damage, the refusal, with {d} the folder)
     ),
     "hostile shard": (
         lambda d: (d / SHARDS[1]).write_bytes(raw(b"[")),
-        "{d}/" + SHARDS[1] + ": safetensors header is not UTF-8 JSON",
+        "{d}/" + SHARDS[1] + ": corrupt safetensors header (not UTF-8 JSON)",
     ),
 }
 

@@ -25,23 +25,21 @@ import numpy as np
 from .. import publish
 from ..errors import WRITE_ERRORS, StreamavgError, UsageError
 from ..remote import as_path
-from . import hdf5
+from . import hdf5, shard_index
 from .base import (
     PROVENANCE_KEY,
     ReaderBase,
     Targets,
     Write,
-    check_same,
-    identity,
     require_regular_file,
 )
 
 SUFFIXES = {"keras-sharded": ".weights.json"}
 ACCEPTED = {"keras-sharded": (".weights.json",)}
 MANIFEST = ".weights.json"
+#: A manifest lists groups, so even a huge model's is small; a group may span shards.
+MANIFESTS = shard_index.Kind(MANIFEST, "sharded-weights manifest", 64 << 20)
 OPTIMIZER = "optimizer"  # the root group of the optimizer's state, in every shard
-MAX_MANIFEST = 64 << 20  # bytes; a manifest lists groups, so even a huge model's is small
-_SHAPE = '{"metadata": {...}, "weight_map": {...}}'
 
 
 def claims(path: Path, head: bytes) -> bool:
@@ -57,75 +55,14 @@ def open_checkpoint(path: Path, *, optimizer: bool = False, like: Sharded | None
 def averaged(path: Path) -> bool:
     """Whether the manifest at `path` records our provenance; only the manifest is read."""
     try:
-        manifest, _ = _load(path)
+        return PROVENANCE_KEY in shard_index.read(path, MANIFESTS).metadata
     except StreamavgError:
         return False
-    return PROVENANCE_KEY in manifest["metadata"]
 
 
 def parts(directory: Path) -> dict[str, Path]:
-    """The shards that the manifests in `directory` list, each with its manifest. A
-    manifest that cannot be parsed lists none; names that are not plain file names in
-    `directory` are left out (opening that manifest refuses them)."""
-    found: dict[str, Path] = {}
-    for manifest in sorted(directory.glob(f"*{MANIFEST}")):
-        with suppress(StreamavgError):
-            weight_map = _load(manifest)[0]["weight_map"]
-            for value in weight_map.values():
-                names = value if isinstance(value, list) else [value]
-                found |= {n: manifest for n in names if isinstance(n, str) and _plain(n)}
-    return found
-
-
-def _load(path: Path) -> tuple[dict, os.stat_result]:
-    """The manifest at `path`, with its `metadata` (empty if absent) and `weight_map`
-    objects, and the file's status before it was read."""
-    require_regular_file(path)  # a FIFO would block the read
-    try:
-        st = path.stat()
-        if st.st_size > MAX_MANIFEST:
-            raise StreamavgError(
-                f"{path}: {st.st_size:,} bytes, too large for a sharded-weights manifest"
-            )
-        text = path.read_bytes()
-    except OSError as e:
-        raise StreamavgError(f"{path}: cannot read ({e.strerror})") from None
-    try:
-        manifest = json.loads(text)
-    except (ValueError, RecursionError):  # bad JSON or UTF-8; nesting too deep to parse
-        raise StreamavgError(f"{path}: corrupt manifest (not JSON)") from None
-    if isinstance(manifest, dict):
-        manifest = {**manifest, "metadata": manifest.get("metadata", {})}
-    if not (
-        isinstance(manifest, dict)
-        and isinstance(manifest["metadata"], dict)
-        and isinstance(manifest.get("weight_map"), dict)
-    ):
-        raise StreamavgError(f"{path}: corrupt manifest (not {_SHAPE})")
-    return manifest, st
-
-
-def _plain(name: str) -> bool:
-    """Whether `name` is a file name in the manifest's own folder, as Keras joins it."""
-    return name not in ("", ".", "..") and "/" not in name and "\0" not in name
-
-
-def _listed(path: Path, weight_map: dict) -> dict[str, list[str]]:
-    """Each group's shard names (once each, in order), checked to be plain file names."""
-    listed = {}
-    for group, value in weight_map.items():
-        names = [value] if isinstance(value, str) else value
-        if not (isinstance(names, list) and names and all(isinstance(n, str) for n in names)):
-            raise StreamavgError(
-                f"{path}: {group}: names no shard (want a file name or a list of file names)"
-            )
-        for name in names:
-            if not _plain(name):
-                raise StreamavgError(
-                    f"{path}: {group}: shard {name!r} is not a file in the manifest's folder"
-                )
-        listed[group] = list(dict.fromkeys(names))
-    return listed
+    """The shards that the manifests in `directory` list, each with its manifest."""
+    return shard_index.parts(directory, MANIFESTS)
 
 
 class Sharded(ReaderBase):
@@ -145,16 +82,15 @@ class Sharded(ReaderBase):
         self, path: str | os.PathLike, *, optimizer: bool = False, like: Sharded | None = None
     ) -> None:
         self.path = as_path(path)
-        self._manifest, st = _load(self.path)
-        self._identity = identity(st)
-        self._listed = _listed(self.path, self._manifest["weight_map"])
-        if not self._listed:
-            raise StreamavgError(f"{self.path}: corrupt manifest (its weight_map lists no shards)")
+        self._index = shard_index.read(self.path, MANIFESTS)
+        if not self._index.weight_map:
+            raise StreamavgError(
+                f"{self.path}: corrupt {MANIFESTS.what} (its weight_map lists no shards)"
+            )
         self.shards: list[hdf5.Checkpoint] = []
         self._owner: dict[str, hdf5.Checkpoint] = {}
         try:
-            names = dict.fromkeys(n for group in self._listed.values() for n in group)
-            for k, name in enumerate(names):
+            for k, name in enumerate(self._index.shards):
                 twin = like.shards[k] if like is not None and k < len(like.shards) else None
                 self.shards.append(self._open_shard(name, optimizer, twin))
             self._check_groups()
@@ -162,7 +98,7 @@ class Sharded(ReaderBase):
             self.close()
             raise
         self.tensors = {n: t for s in self.shards for n, t in s.tensors.items()}
-        self.size = st.st_size + sum(s.size for s in self.shards)
+        self.size = self._index.stat.st_size + sum(s.size for s in self.shards)
         self.open_files = len(self.shards)
 
     def _open_shard(
@@ -190,7 +126,7 @@ class Sharded(ReaderBase):
         """Every tensor in a shard listed for its group: Keras would not find it otherwise."""
         for tensor, shard in self._owner.items():
             group = "/" + posixpath.dirname(tensor)
-            if shard.path.name not in self._listed.get(group, ()):
+            if shard.path.name not in self._index.weight_map.get(group, ()):
                 raise StreamavgError(
                     f"{self.path}: {tensor}: in shard {shard.path.name}, which the "
                     f"weight_map does not list for {group}"
@@ -212,13 +148,13 @@ class Sharded(ReaderBase):
             shard.settle(release)
 
     def check_unchanged(self) -> None:
-        check_same(self.path, self._identity)
+        self._index.check_unchanged()
         for shard in self.shards:
             shard.check_unchanged()
 
     @property
     def provenance(self) -> dict | None:
-        found = self._manifest["metadata"].get(PROVENANCE_KEY)
+        found = self._index.metadata.get(PROVENANCE_KEY)
         return found if isinstance(found, dict) else None
 
     def close(self) -> None:
@@ -321,19 +257,19 @@ class Sharded(ReaderBase):
         stored tensor, a float), and our provenance in the metadata."""
         names = {s.path.name: t.name for s, t in targets.items()}
         weight_map = {}
-        for group, value in self._manifest["weight_map"].items():
+        for group, value in self._index.document["weight_map"].items():
             if not optimizer and group.strip("/").split("/")[0] == OPTIMIZER:
                 continue
-            mapped = [names[n] for n in self._listed[group] if n in names]
+            mapped = [names[n] for n in self._index.weight_map[group] if n in names]
             if mapped:
                 weight_map[group] = mapped if isinstance(value, list) else mapped[0]
         bits = sum(_stored_bits(s, optimizer) for s in targets)
         metadata = {
-            **self._manifest["metadata"],
+            **self._index.metadata,
             "total_size": bits / 8,
             PROVENANCE_KEY: provenance,
         }
-        return {**self._manifest, "metadata": metadata, "weight_map": weight_map}
+        return {**self._index.document, "metadata": metadata, "weight_map": weight_map}
 
 
 def _shard_name(manifest: Path, k: int) -> str:
@@ -406,13 +342,13 @@ def _remove_old(dest: Path, reused: set[Path]) -> None:
     if not dest.exists():
         return
     try:
-        old = [n for names in _listed(dest, _load(dest)[0]["weight_map"]).values() for n in names]
+        old = shard_index.read(dest, MANIFESTS).shards
     except StreamavgError:
         old = []  # not a manifest we can read: it lists no shards we may remove
     dest.unlink()
     publish.sync(dest.parent)
     others = parts(dest.parent)
-    for name in dict.fromkeys(old):
+    for name in old:
         path = dest.with_name(name)
         if path not in reused and name not in others:
             path.unlink(missing_ok=True)

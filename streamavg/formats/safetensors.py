@@ -15,7 +15,6 @@ from __future__ import annotations
 import functools
 import json
 import math
-import re
 import struct
 from collections.abc import Collection, Iterator
 from contextlib import ExitStack, contextmanager
@@ -27,6 +26,7 @@ import numpy as np
 from ..blocks import block_shape, flat_start
 from ..errors import StreamavgError, reason
 from ..publish import OffsetWriter
+from . import shard_index
 from .base import (
     PROVENANCE_KEY,
     Reader,
@@ -34,11 +34,8 @@ from .base import (
     Targets,
     Tensor,
     Write,
-    check_same,
-    identity,
     open_file,
     require_regular_file,
-    stat_of,
 )
 
 SUFFIXES = {"safetensors": ".safetensors"}
@@ -46,6 +43,7 @@ ACCEPTED = {"safetensors": (".safetensors",)}
 SUFFIX = ".safetensors"
 INDEX_SUFFIX = ".safetensors.index.json"  # model.safetensors.index.json, as transformers names it
 MAX_HEADER = 100_000_000  # bytes: the safetensors library's limit, for headers and indexes alike
+INDEXES = shard_index.Kind(INDEX_SUFFIX, "safetensors index", MAX_HEADER, lists=False)
 METADATA = "__metadata__"
 COPY_BYTES = 1 << 20  # a tensor copied from the newest checkpoint goes this much at a time
 #: The dtypes of safetensors, by code; those ml_dtypes provides are named, and imported
@@ -67,7 +65,6 @@ DTYPES = {
     "U8": "u1",
     "BOOL": "?",
 }
-_SURROGATE = re.compile("[\ud800-\udfff]")  # json.loads lets "\ud800" through; UTF-8 cannot
 
 
 def claims(path: Path, head: bytes) -> bool:
@@ -96,16 +93,10 @@ def averaged(path: Path) -> bool:
 
 
 def parts(directory: Path) -> dict[str, Path]:
-    """The index files in `directory` and the shards they list, each owned by the folder;
-    an index that cannot be read lists none (it is refused when the folder is opened)."""
-    found = {}
-    for index in indexes(directory):
-        try:
-            weight_map = _read_index(index)[0]
-        except StreamavgError:
-            continue
-        found |= {name: directory for name in (index.name, *weight_map.values())}
-    return found
+    """The index files in `directory` and the shards they list, each owned by the folder
+    (a Hugging Face folder is one checkpoint); an index that cannot be read lists none."""
+    listed = shard_index.parts(directory, INDEXES)
+    return dict.fromkeys([*(index.name for index in listed.values()), *listed], directory)
 
 
 class _Entry(NamedTuple):
@@ -116,23 +107,6 @@ class _Entry(NamedTuple):
     shape: tuple[int, ...]
     begin: int
     end: int
-
-
-class _Duplicate(Exception):
-    """A key met twice in one JSON object."""
-
-
-def _unique(pairs: list[tuple[str, object]]) -> dict:
-    """A JSON object that refuses a repeated key, and text that UTF-8 cannot encode."""
-    found: dict = {}
-    for key, value in pairs:
-        if key in found:
-            raise _Duplicate(key)
-        for text in (key, value):
-            if isinstance(text, str) and not text.isascii() and _SURROGATE.search(text):
-                raise ValueError("a lone surrogate")
-        found[key] = value
-    return found
 
 
 def _naturals(value: object) -> bool:
@@ -171,16 +145,9 @@ class _File:
                 f"{path}: safetensors header of {length:,} bytes runs past the end of the "
                 f"file ({self.size:,} bytes; truncated?)"
             )
-        try:
-            header = json.loads(raw.decode("utf-8"), object_pairs_hook=_unique)
-        except _Duplicate as e:
-            raise StreamavgError(f"{path}: {e.args[0]}: listed twice in the header") from None
-        except RecursionError:
-            raise StreamavgError(f"{path}: safetensors header nested too deeply") from None
-        except ValueError:  # UnicodeDecodeError and JSONDecodeError too
-            raise StreamavgError(f"{path}: safetensors header is not UTF-8 JSON") from None
+        header = shard_index.parse_json(path, raw, "safetensors header")
         if not isinstance(header, dict):
-            raise StreamavgError(f"{path}: safetensors header is not a JSON object")
+            raise StreamavgError(f"{path}: corrupt safetensors header (not a JSON object)")
         metadata = header.pop(METADATA, None)
         if metadata is not None and not (
             isinstance(metadata, dict) and all(isinstance(v, str) for v in metadata.values())
@@ -348,13 +315,12 @@ class Sharded(_Safetensors):
     format = "safetensors-sharded"
 
     def __init__(self, index: Path) -> None:
-        self.path = self._index = index
-        st = stat_of(index)
-        self._index_identity = identity(st)
-        self._weight_map, self._metadata, self._document = _read_index(index)
+        self.path = index
+        self._index = shard_index.read(index, INDEXES)
+        self._weight_map = {name: shard for name, [shard] in self._index.weight_map.items()}
         self._files: dict[str, _File] = {}
         try:
-            for shard in sorted(set(self._weight_map.values())):
+            for shard in sorted(self._index.shards):
                 if not (index.parent / shard).exists():
                     raise StreamavgError(
                         f"{index.parent / shard}: listed in {index.name}, but missing"
@@ -365,17 +331,17 @@ class Sharded(_Safetensors):
             self.close()
             raise
         self._list(self._files)
-        self.size = st.st_size + sum(f.size for f in self._files.values())
+        self.size = self._index.stat.st_size + sum(f.size for f in self._files.values())
         self.open_files = len(self._files)
 
     @property
     def files(self) -> list[str]:
         """The file names it spans: the index, then its shards."""
-        return [self._index.name, *self._files]
+        return [self.path.name, *self._files]
 
     def _check_placement(self) -> None:
         """Every tensor in one shard, the one the `weight_map` names for it."""
-        index, seen = self._index.name, {}
+        index, seen = self.path.name, {}
         for shard, file in self._files.items():
             for name in file.entries:
                 if name in seen:
@@ -399,10 +365,10 @@ class Sharded(_Safetensors):
 
     @property
     def provenance(self) -> dict | None:
-        return _provenance(self._index, self._metadata, "metadata")
+        return _provenance(self.path, self._index.metadata, "metadata")
 
     def check_unchanged(self) -> None:
-        check_same(self._index, self._index_identity)
+        self._index.check_unchanged()
         super().check_unchanged()
 
     @contextmanager
@@ -412,7 +378,8 @@ class Sharded(_Safetensors):
         """The index at `tmp`, with our provenance in its metadata, written as transformers
         writes one (sorted, indented), and the shards beside it, named and laid out as
         this one's."""
-        document = {**self._document, "metadata": {**self._metadata, PROVENANCE_KEY: provenance}}
+        metadata = {**self._index.metadata, PROVENANCE_KEY: provenance}
+        document = {**self._index.document, "metadata": metadata}
         text = json.dumps(document, indent=2, sort_keys=True) + "\n"
         tmp.write_text(text, encoding="utf-8")
         shards = {tmp.parent / shard: file for shard, file in self._files.items()}
@@ -432,42 +399,6 @@ def _provenance(path: Path, metadata: dict, where: str) -> dict | None:
     if not isinstance(found, dict):
         raise StreamavgError(f"{path}: corrupt streamavg provenance in {where}")
     return found
-
-
-def indexes(directory: Path) -> list[Path]:
-    """The safetensors indexes in `directory`."""
-    return sorted(p for p in directory.glob(f"*{INDEX_SUFFIX}") if p.is_file())
-
-
-def _read_index(index: Path) -> tuple[dict[str, str], dict, dict]:
-    """An index's `weight_map` (tensor -> shard file name), its `metadata`, and all of it."""
-    size = stat_of(index).st_size
-    if size > MAX_HEADER:
-        raise StreamavgError(
-            f"{index}: safetensors index of {size:,} bytes, over the limit of {MAX_HEADER:,}"
-        )
-    try:
-        raw = index.read_bytes()
-    except OSError as e:
-        raise StreamavgError(f"{index}: cannot read ({e.strerror})") from None
-    try:
-        document = json.loads(raw.decode("utf-8"), object_pairs_hook=_unique)
-    except _Duplicate as e:
-        raise StreamavgError(f"{index}: {e.args[0]}: listed twice") from None
-    except (ValueError, RecursionError):
-        raise StreamavgError(f"{index}: not UTF-8 JSON") from None
-    weight_map = document.get("weight_map") if isinstance(document, dict) else None
-    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
-        raise StreamavgError(
-            f"{index}: not a safetensors index (no weight_map of tensor names to shard files)"
-        )
-    metadata = document.get("metadata", {})
-    if not isinstance(metadata, dict):
-        raise StreamavgError(f"{index}: metadata is not an object")
-    for name, shard in weight_map.items():
-        if shard in ("", ".", "..") or "/" in shard or "\0" in shard:
-            raise StreamavgError(f"{index}: {name}: {shard!r} is not a file name in this folder")
-    return weight_map, metadata, document
 
 
 def _header_bytes(metadata: dict[str, str], entries: dict[str, _Entry]) -> bytes:
