@@ -23,11 +23,12 @@ from .formats.base import Companion, Reader
 COMPANION_POLICIES = ("equal", "newest")
 #: JSON keys that change from save to save without changing what the weights mean: tool
 #: versions, dates, auto-generated layer names (tensors are matched on their own), Keras's
-#: ids of shared objects (Python's `id()`), the compile and training configuration (a
-#: learning rate changed by a schedule).
+#: ids of shared objects (Python's `id()`), whether a layer was being trained (frozen, then
+#: fine-tuned), the compile and training configuration (a learning rate changed by a
+#: schedule).
 VOLATILE = re.compile(
-    r"^(name|date_saved|shared_object_id|compile_config|training_config|_name_or_path"
-    r"|_commit_hash|.*_version)$"
+    r"^(name|date_saved|shared_object_id|trainable|compile_config|training_config"
+    r"|_name_or_path|_commit_hash|.*_version)$"
 )
 MAX_JSON = 1 << 20  # bytes: a config is small; a larger JSON file (a tokenizer's) is compared
 # byte for byte, a piece at a time, never held whole

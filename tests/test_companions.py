@@ -155,3 +155,13 @@ def test_a_functional_model_built_twice_in_one_process_is_one_model(tmp_path):
         f'{tmp_path / "first.h5"}: model_config: config.layers[1].config.activation is "relu" '
         f'here, "tanh" (in {tmp_path / "third.h5"}){REFUSED}'
     )
+
+
+def test_a_layer_frozen_then_fine_tuned_is_one_model(tmp_path):
+    model = mlp("relu")
+    model.layers[0].trainable = False
+    model.save(tmp_path / "model_1.keras")
+    model.layers[0].trainable = True
+    model.save(tmp_path / "model_2.keras")
+    with opened([tmp_path / "model_1.keras", tmp_path / "model_2.keras"]) as cks:
+        assert check_companions(cks) == []
