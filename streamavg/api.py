@@ -28,7 +28,7 @@ from .errors import UsageError, option
 from .formats import SUFFIXES, format_of
 from .names import below, common_dir
 from .output import resolve
-from .schemes import scheme_weights
+from .schemes import fold_weights, scheme_weights
 from .select import select_checkpoints
 
 OPTIMIZER_POLICIES = ("drop", "newest")
@@ -47,6 +47,11 @@ class Plan(NamedTuple):
     by_mtime: bool = False
     notes: tuple[str, ...] = ()
     format: str = ""  # the checkpoints' container, as the newest's adapter names it
+
+    @property
+    def folded(self) -> np.ndarray:
+        """The weights the fold multiplies by (see `schemes.fold_weights`)."""
+        return fold_weights(self.scheme, self.weights)
 
 
 class Result(NamedTuple):
@@ -161,11 +166,11 @@ def run(
         ) as write:
             if client is not None:
                 folding = {"allow_nonfinite": allow_nonfinite, "progress": progress}
-                fold_on(client, p.files, np.array(p.weights), averaged, write.targets, **folding)
+                fold_on(client, p.files, p.folded, averaged, write.targets, **folding)
             else:
                 fold(
                     checkpoints,
-                    np.array(p.weights),
+                    p.folded,
                     averaged,
                     lambda t, index, values: write(t.name, values, index),
                     max_memory=max_memory,
@@ -268,7 +273,7 @@ def plan_tensors(
         def write(t, index, values):
             result[t.name][index] = values
 
-        fold(checkpoints, np.array(p.weights), averaged, write, allow_nonfinite=allow_nonfinite)
+        fold(checkpoints, p.folded, averaged, write, allow_nonfinite=allow_nonfinite)
     return {n: result[n] for n in tensors}
 
 

@@ -22,13 +22,15 @@ from contextlib import ExitStack
 import numpy as np
 
 from .blocks import block_shape, blocks
+from .casts import narrow, widen
 from .errors import StreamavgError, UsageError, option
 from .formats import Reader, Tensor, open_checkpoint
 from .progress import bytes_bar
 from .remote import OPENERS, is_url
 
 PIECE_BYTES = 1 << 20  # float64 accumulator per piece: stays in the CPU cache
-BYTES_PER_ELEMENT = 24  # a worker's buffers: float64 sum and term, stored values (<= 8 bytes)
+BYTES_PER_ELEMENT = 28  # a worker's buffers: float64 sum and term, stored values (<= 8
+# bytes), float32 widened values
 MIN_MEMORY = 1 << 20  # the smallest --max-memory: below it, per-call overhead dominates
 MIN_PIECE = 1 << 14  # elements; smaller pieces cost more in per-call overhead than they save
 FD_RESERVE = 64  # file descriptors left for the interpreter, HDF5 and the output
@@ -40,7 +42,7 @@ MERGE_MAX = 8 << 20  # bytes: the largest request that adjacent prefetches merge
 INTEGER_POLICIES = ("equal", "newest")
 
 Write = Callable[[Tensor, tuple[slice, ...], np.ndarray], None]
-Buffers = tuple[np.ndarray, np.ndarray, np.ndarray]  # a worker's: float64, float64, bytes
+Buffers = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]  # f64, f64, bytes, f32
 
 
 def open_all(paths: Sequence, stack: ExitStack) -> list[Reader]:
@@ -117,7 +119,7 @@ def _describe(t: Tensor) -> str:
 def piece_layout(max_memory: int | None) -> tuple[int, int]:
     """Worker threads and elements per piece whose buffers fit in `max_memory` bytes.
 
-    Each worker holds a float64 sum, a float64 term and the stored values: 24 bytes an
+    Each worker holds a float64 sum, a float64 term, the stored values and their float32 widening: 28 bytes an
     element at most. Without a budget, pieces are PIECE_BYTES of float64 on every core.
     """
     if max_memory is None:
@@ -216,43 +218,50 @@ def fold(
     bar = bytes_bar(total, "averaging") if progress else None
     whole = _read_whole(checkpoints, tensors)
 
-    def fold_in(i: int, x: np.ndarray, acc: np.ndarray, tmp: np.ndarray, t: Tensor) -> None:
-        """acc (+)= weights[i] * x, in float64: exact widening, then the product."""
-        term = acc if i == 0 else tmp
-        np.copyto(term, x.view(t.dtype))
-        term *= weights[i]
-        if i:
-            acc += tmp
+    def fold_in(i: int, x: np.ndarray, acc: np.ndarray, buffers: Buffers, t: Tensor) -> None:
+        """acc (+)= weights[i] * x, in float64: an exact widening and product (integer
+        weights), then the sum."""
+        v, w = widen(x, t.dtype, buffers[3]), weights[i]
+        if i == 0:
+            np.multiply(v, w, out=acc, dtype=np.float64)
+        elif w == 1:
+            np.add(acc, v, out=acc, dtype=np.float64)
+        else:
+            tmp = buffers[1][: acc.size].reshape(acc.shape)
+            np.multiply(v, w, out=tmp, dtype=np.float64)
+            np.add(acc, tmp, out=acc)
 
-    def finish(t: Tensor, index: tuple[slice, ...], acc: np.ndarray, out: np.ndarray) -> None:
+    def finish(
+        t: Tensor, index: tuple[slice, ...], acc: np.ndarray, out: np.ndarray, buffers: Buffers
+    ) -> None:
+        """Divide the sum once, by the weights' sum, and round it once to the stored dtype."""
         if not allow_nonfinite and not np.isfinite(acc).all():
             _blame_nonfinite(checkpoints, t, index, np.empty_like(out))
         acc /= scale
-        np.copyto(out.view(t.dtype), acc, casting="unsafe")
+        bits = buffers[1].view(np.uint32)  # the terms are folded in: scratch now
+        narrow(acc, out, t.dtype, buffers[3], bits, nan=allow_nonfinite)
         write(t, index, out.view(t.dtype))
 
     def piece(t: Tensor, index: tuple[slice, ...], buffers: Buffers) -> int:
-        sums, terms, raw = buffers
         if t.name in whole:
             return fold_whole(t, buffers)
-        buf = _block(raw, t, index)
-        acc, tmp = sums[: buf.size].reshape(buf.shape), terms[: buf.size].reshape(buf.shape)
+        buf = _block(buffers[2], t, index)
+        acc = buffers[0][: buf.size].reshape(buf.shape)
         for i, ck in enumerate(checkpoints):
             ck.read(t.name, index, buf)
-            fold_in(i, buf, acc, tmp, t)
-        finish(t, index, acc, buf)  # the inputs are folded in: their buffer takes the result
+            fold_in(i, buf, acc, buffers, t)
+        finish(t, index, acc, buf, buffers)  # the inputs are folded in: their buffer takes it
         return buf.nbytes * len(checkpoints)
 
     def fold_whole(t: Tensor, buffers: Buffers) -> int:
         """Tensor `t` read whole from each checkpoint in turn, folded a piece at a time into
         a float64 sum of its size: the same arithmetic, each input decoded once."""
-        acc, tmp = np.empty(t.shape), buffers[1]
+        acc = np.empty(t.shape)
         for i, ck in enumerate(checkpoints):
-            x = ck.read_whole(t.name)
-            for index in blocks(t.shape, tmp.size):
-                part = acc[index]
-                fold_in(i, x[index], part, tmp[: part.size].reshape(part.shape), t)
-        finish(t, (), acc, x.view(t.stored))
+            x = ck.read_whole(t.name).view(t.stored)
+            for index in blocks(t.shape, buffers[1].size):
+                fold_in(i, x[index], acc[index], buffers, t)
+        finish(t, (), acc, x, buffers)
         return t.nbytes * len(checkpoints)
 
     # Each input is read about READ_AHEAD / n bytes ahead; a store merges adjacent blocks
@@ -330,7 +339,12 @@ def _each_piece(
     def worker() -> None:
         number = -1
         try:
-            buffers = np.empty(elements), np.empty(elements), np.empty(elements * 8, np.uint8)
+            buffers = (
+                np.empty(elements),
+                np.empty(elements),
+                np.empty(elements * 8, np.uint8),
+                np.empty(elements, np.float32),
+            )
             done = 0
             while True:
                 with lock:

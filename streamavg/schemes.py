@@ -48,3 +48,20 @@ def scheme_weights(
     else:
         raise UsageError(f"unknown scheme {scheme!r}; choose from {', '.join(SCHEMES)}")
     return w / w.sum()
+
+
+def fold_weights(scheme: str, weights: Sequence[float]) -> np.ndarray:
+    """What the fold multiplies the checkpoints by (oldest first): the scheme's integers for
+    equal (1 each) and linear (1..n), with which products and sums of stored floats are
+    exact in float64 and the one division by their sum rounds the mean correctly; the
+    normalised `weights` for the others.
+
+    >>> fold_weights("linear", scheme_weights("linear", 3)).tolist()
+    [1.0, 2.0, 3.0]
+    """
+    n = len(weights)
+    if scheme == "equal":
+        return np.ones(n)
+    if scheme == "linear":
+        return np.arange(1, n + 1, dtype=np.float64)
+    return np.asarray(weights, dtype=np.float64)

@@ -10,7 +10,8 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
+from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
@@ -61,6 +62,29 @@ def snapshot(directory: Path) -> dict[str, str]:
 def floating(dtype: np.dtype) -> bool:
     """Whether `dtype` holds floats: numpy's own, or ml_dtypes' (bfloat16's kind is "V")."""
     return dtype.kind == "f" or dtype.name.startswith(("bfloat16", "float8"))
+
+
+def correctly_rounded(stack: np.ndarray, weights: Sequence[int], dtype: np.dtype) -> np.ndarray:
+    """The weighted mean of `stack` (one row per checkpoint) with integer `weights`, in exact
+    rational arithmetic, rounded once to `dtype`: to nearest, ties to even."""
+    bits = np.dtype(f"u{dtype.itemsize}")
+    rows = [[Fraction(float(v)) for v in row.reshape(-1)] for row in stack.astype(np.float64)]
+    total = sum(weights)
+    out = []
+    for column in zip(*rows, strict=True):
+        exact = sum((w * v for w, v in zip(weights, column, strict=True)), Fraction(0)) / total
+        guess = np.array([float(exact)]).astype(dtype).view(bits)[0].item()
+        limit = np.iinfo(bits).max
+        near = [
+            np.array([g], bits).view(dtype)
+            for g in (guess - 1, guess, guess + 1)
+            if 0 <= g <= limit
+        ]
+        near = [(x, int(x.view(bits)[0])) for x in near if np.isfinite(x.astype(np.float64))[0]]
+        # nearest, ties to even: an even significand ends in a 0 bit
+        best = min(near, key=lambda c: (abs(Fraction(float(c[0][0])) - exact), c[1] & 1))
+        out.append(best[1])
+    return np.array(out, bits).view(dtype).reshape(stack.shape[1:])
 
 
 def ulp_distance(a: np.ndarray, b: np.ndarray) -> int:
