@@ -1,8 +1,9 @@
 """Checkpoints of the model hubs, written by their own tools, averaged whole, and loaded back
 by the same tools: Hugging Face `save_pretrained` folders (single-file and sharded, float32
 and bfloat16, tokenizer beside), a `Trainer` run's `checkpoint-N/` folders, PEFT LoRA
-adapters, and KerasHub presets. Every value is within one ulp of the float64 average of the
-inputs, cast to the stored dtype; configs, tokenizers and assets are the newest's bytes."""
+adapters, and KerasHub presets. Every value is the correctly rounded mean of the inputs
+(within one ulp of the float64 average, as promised for any scheme); configs, tokenizers and
+assets are the newest's bytes."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import ulp_distance
+from conftest import correctly_rounded, ulp_distance
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -26,7 +27,6 @@ import ml_dtypes  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 from transformers import AutoModelForCausalLM  # noqa: E402
 
-import streamavg  # noqa: E402
 from streamavg.cli import main  # noqa: E402
 
 NOTE = "streamavg: note: "
@@ -51,19 +51,15 @@ def as_numpy(t) -> np.ndarray:
 
 
 def average(arrays: list[np.ndarray]) -> np.ndarray:
-    """The float64 average of arrays of one dtype, with the equal scheme's weights (as
-    np.average weighs them: sum(w * x) / sum(w)), cast to that dtype. Where the inputs
-    cancel out, sum(x) / n (exactly 0, say) and this (2**-62, rounding of the products)
-    are many bfloat16 ulps apart: the reference is the weighted sum the scheme defines."""
+    """The equal average of arrays of one dtype, correctly rounded to that dtype (exact
+    rational arithmetic, rounded once, ties to even): what streamavg promises for it."""
     assert len({(a.dtype, a.shape) for a in arrays}) == 1
-    stack = np.stack([a.astype(np.float64) for a in arrays])
-    weights = streamavg.scheme_weights("equal", len(arrays))
-    return np.average(stack, axis=0, weights=weights).astype(arrays[0].dtype)
+    return correctly_rounded(np.stack(arrays), [1] * len(arrays), arrays[0].dtype)
 
 
-def assert_within_one_ulp(got: np.ndarray, want: np.ndarray, name: str) -> None:
+def assert_correctly_rounded(got: np.ndarray, want: np.ndarray, name: str) -> None:
     assert (got.dtype, got.shape) == (want.dtype, want.shape), name
-    assert ulp_distance(got, want) <= 1, name
+    assert ulp_distance(got, want) == 0, name
 
 
 def weights_files(folder: Path) -> dict[str, np.ndarray]:
@@ -89,7 +85,7 @@ def check_weights_files(out: Path, want: dict[str, np.ndarray]) -> None:
     got = weights_files(out)
     assert sorted(got) == sorted(want)
     for name, value in got.items():
-        assert_within_one_ulp(value, want[name], name)
+        assert_correctly_rounded(value, want[name], name)
 
 
 def check_loaded(model, want: dict[str, np.ndarray]) -> None:
@@ -100,10 +96,10 @@ def check_loaded(model, want: dict[str, np.ndarray]) -> None:
     for name, tensor in state.items():
         source = name if name in want else stored.get(tensor.data_ptr())
         assert source is not None, f"{name}: neither in the files nor tied to a tensor there"
-        assert_within_one_ulp(as_numpy(tensor), want[source], name)
+        assert_correctly_rounded(as_numpy(tensor), want[source], name)
     for name, p in model.named_parameters(remove_duplicate=False):
         source = name if name in want else stored[p.data_ptr()]
-        assert_within_one_ulp(as_numpy(p), want[source], name)
+        assert_correctly_rounded(as_numpy(p), want[source], name)
 
 
 def names(folder: Path) -> list[str]:
@@ -181,7 +177,7 @@ def test_tied_weights_stay_tied(pretrained, tmp_path, capsys, case):
     model = AutoModelForCausalLM.from_pretrained(out)
     assert model.lm_head.weight.data_ptr() == model.transformer.wte.weight.data_ptr()
     want = reference(folders)["transformer.wte.weight"]
-    assert_within_one_ulp(as_numpy(model.lm_head.weight), want, "lm_head.weight")
+    assert_correctly_rounded(as_numpy(model.lm_head.weight), want, "lm_head.weight")
 
 
 @pytest.mark.parametrize("case", ["gpt2", "llama-bf16-sharded"])
@@ -288,7 +284,7 @@ def test_lora_adapters_average_and_peft_loads_them(adapters, tmp_path, capsys):
     loaded = get_peft_model_state_dict(model)
     assert sorted(loaded) == sorted(want)
     for name, tensor in loaded.items():
-        assert_within_one_ulp(as_numpy(tensor), want[name], name)
+        assert_correctly_rounded(as_numpy(tensor), want[name], name)
     assert_same_bytes(out, newest, ["adapter_config.json", "README.md"])
     assert notes(err) == [
         f"{NOTE}LoRA adapters: A and B are averaged each on its own, and the product of the "
@@ -360,7 +356,7 @@ def test_keras_hub_presets_average_and_from_preset_loads_them(keras_presets, ker
     for i, (path, value) in enumerate(got):
         values = [ws[i][1] for ws in inputs]
         assert not np.array_equal(values[0], values[-1]), path  # the inputs differ
-        assert_within_one_ulp(value, average(values), path)
+        assert_correctly_rounded(value, average(values), path)
     assert len({(p / "config.json").read_bytes() for p, _ in presets}) == 3  # "name"s differ
     assert_same_bytes(out, newest, KERAS_CONFIGS[case])
     if case == "sharded":
