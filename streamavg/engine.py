@@ -119,8 +119,9 @@ def _describe(t: Tensor) -> str:
 def piece_layout(max_memory: int | None) -> tuple[int, int]:
     """Worker threads and elements per piece whose buffers fit in `max_memory` bytes.
 
-    Each worker holds a float64 sum, a float64 term, the stored values and their float32 widening: 28 bytes an
-    element at most. Without a budget, pieces are PIECE_BYTES of float64 on every core.
+    Each worker holds a float64 sum, a float64 term, the stored values and their float32
+    widening: 28 bytes an element at most. Without a budget, pieces are PIECE_BYTES of
+    float64 on every core.
     """
     if max_memory is None:
         return WORKERS, PIECE_BYTES // 8
