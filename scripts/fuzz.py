@@ -33,8 +33,9 @@ from hypothesis import HealthCheck, given, seed, settings
 from hypothesis import strategies as st
 
 from streamavg import scheme_weights
+from streamavg.casts import named_dtype
 from streamavg.cli import main as streamavg
-from streamavg.formats.hdf5 import logical_dtype
+from streamavg.formats.hdf5 import logical_name
 from streamavg.formats.keras_zip import WEIGHTS_MEMBER
 
 CASES = ("k3-keras", "k3-weights", "k3-h5", "k3-keras-bf16", "k2-h5", "k2-weights")
@@ -91,7 +92,7 @@ def model_tensors(path: Path) -> dict[str, np.ndarray]:
                 continue
             obj = f[name]
             if isinstance(obj, h5py.Dataset):
-                found[text] = np.asarray(obj[()]).view(logical_dtype(obj.dtype))
+                found[text] = np.asarray(obj[()]).view(named_dtype(logical_name(obj.dtype)))
     return found
 
 

@@ -271,7 +271,7 @@ def plan_tensors(
         result |= {t.name: np.empty(t.shape, t.dtype) for t in averaged}
 
         def write(t, index, values):
-            result[t.name][index] = values
+            result[t.name][index] = values.view(t.dtype)
 
         fold(checkpoints, p.folded, averaged, write, allow_nonfinite=allow_nonfinite)
     return {n: result[n] for n in tensors}

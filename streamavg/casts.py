@@ -5,12 +5,14 @@ narrowing a few integer operations on float32 bits (ml_dtypes takes ten times lo
 >>> import ml_dtypes
 >>> x = np.array([1 + 2**-8 + 2**-30, -3.5, 2**-130], np.float64)  # a near-tie, a subnormal
 >>> out = np.empty(3, np.uint16)
->>> narrow(x, out, np.dtype(ml_dtypes.bfloat16), np.empty(3, np.float32), np.empty(3, np.uint32))
+>>> narrow(x, out, "bfloat16", np.empty(3, np.float32), np.empty(3, np.uint32))
 >>> bool((out == x.astype(ml_dtypes.bfloat16).view(np.uint16)).all())
 True
 """
 
 from __future__ import annotations
+
+import functools
 
 import numpy as np
 
@@ -18,12 +20,29 @@ BFLOAT16 = "bfloat16"
 _HALF = 0x8000  # a float32's low 16 bits at a bfloat16 midpoint
 
 
-def widen(x: np.ndarray, dtype: np.dtype, scratch: np.ndarray) -> np.ndarray:
-    """`x`, raw data stored as `dtype`, as values the fold's float64 arithmetic takes
-    exactly: bfloat16 widened into float32 `scratch` by a shift; the others as they are
-    (numpy and ml_dtypes widen them inside the arithmetic)."""
-    if dtype.name != BFLOAT16:
-        return x.view(dtype)
+@functools.cache
+def named_dtype(name: str) -> np.dtype:
+    """numpy's dtype of that name, else ml_dtypes' (bfloat16, float8_*), which is imported
+    only then: it takes most of a second, which no run of numpy's own types pays."""
+    try:
+        return np.dtype(name)
+    except TypeError:
+        import ml_dtypes
+
+        return np.dtype(getattr(ml_dtypes, name))
+
+
+def typed(x: np.ndarray, logical: str) -> np.ndarray:
+    """`x` as values of dtype `logical`: raw storage (bytes of an ml_dtypes type) viewed so."""
+    return x if x.dtype.name == logical else x.view(named_dtype(logical))
+
+
+def widen(x: np.ndarray, logical: str, scratch: np.ndarray) -> np.ndarray:
+    """`x`, stored data of dtype `logical`, as values the fold's float64 arithmetic takes
+    exactly: bfloat16 widened into float32 `scratch` by a shift, without ml_dtypes; the
+    others as they are (numpy and ml_dtypes widen them inside the arithmetic)."""
+    if logical != BFLOAT16:
+        return typed(x, logical)
     wide = scratch[: x.size].reshape(x.shape)
     bits = wide.view(np.uint32)
     np.copyto(bits, x.view(np.uint16))
@@ -34,17 +53,17 @@ def widen(x: np.ndarray, dtype: np.dtype, scratch: np.ndarray) -> np.ndarray:
 def narrow(
     acc: np.ndarray,
     out: np.ndarray,
-    dtype: np.dtype,
+    logical: str,
     single: np.ndarray,
     bits: np.ndarray,
     *,
     nan: bool = False,
 ) -> None:
-    """Round float64 `acc` once, to nearest with ties to even, into `out` (raw data of
-    `dtype`, of `acc`'s size). bfloat16 goes through float32 `single` and uint32 `bits`
-    scratch, a piece of their size at a time; `nan` says `acc` may hold NaN."""
-    if dtype.name != BFLOAT16:
-        np.copyto(out.reshape(-1).view(dtype), acc.reshape(-1), casting="unsafe")
+    """Round float64 `acc` once, to nearest with ties to even, into `out` (stored data of
+    dtype `logical`, of `acc`'s size). bfloat16 goes through float32 `single` and uint32
+    `bits` scratch, a piece of their size at a time; `nan` says `acc` may hold NaN."""
+    if logical != BFLOAT16:
+        np.copyto(typed(out.reshape(-1), logical), acc.reshape(-1), casting="unsafe")
         return
     flat, raw, step = acc.reshape(-1), out.reshape(-1).view(np.uint16), single.size
     for start in range(0, flat.size, step):

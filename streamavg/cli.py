@@ -301,8 +301,7 @@ def inspect(path: str) -> str:
         )
         for t in ck.tensors.values():
             lines.append(
-                f"{t.part:<9}  {t.name:<{width}}  {t.shape!s:<16}  "
-                f"{t.dtype.name:<8}  {t.nbytes:>12,}"
+                f"{t.part:<9}  {t.name:<{width}}  {t.shape!s:<16}  {t.logical:<8}  {t.nbytes:>12,}"
             )
         for part in ("model", "optimizer", "other"):
             ts = [t for t in ck.tensors.values() if t.part == part]

@@ -101,7 +101,7 @@ def check_matches(ck: Reader, ref: Reader) -> None:
         raise StreamavgError(f"{ck.path}: {name}: not in {ref.path}")
     for name, t in have.items():
         r = want[name]
-        if (t.shape, t.dtype) != (r.shape, r.dtype):
+        if (t.shape, t.logical) != (r.shape, r.logical):
             raise StreamavgError(
                 f"{ck.path}: {ck.stored_name(name)}: {_describe(t)} here, "
                 f"{_describe(r)} in {ref.path}"
@@ -113,7 +113,7 @@ def model_tensors(ck: Reader) -> dict[str, Tensor]:
 
 
 def _describe(t: Tensor) -> str:
-    return f"shape {t.shape} {t.dtype}"
+    return f"shape {t.shape} {t.logical}"
 
 
 def piece_layout(max_memory: int | None) -> tuple[int, int]:
@@ -187,7 +187,7 @@ def _differing(
                 continue
             if refuse:
                 raise StreamavgError(
-                    f"{ck.path}: {ck.stored_name(t.name)}: {t.dtype} values differ from "
+                    f"{ck.path}: {ck.stored_name(t.name)}: {t.logical} values differ from "
                     f"{newest.path} (integer weights, such as quantized kernels, cannot be "
                     f"averaged; pass {option('integers', 'newest')} to take such layers from "
                     "the newest checkpoint)"
@@ -222,7 +222,7 @@ def fold(
     def fold_in(i: int, x: np.ndarray, acc: np.ndarray, buffers: Buffers, t: Tensor) -> None:
         """acc (+)= weights[i] * x, in float64: an exact widening and product (integer
         weights), then the sum."""
-        v, w = widen(x, t.dtype, buffers[3]), weights[i]
+        v, w = widen(x, t.logical, buffers[3]), weights[i]
         if i == 0:
             np.multiply(v, w, out=acc, dtype=np.float64)
         elif w == 1:
@@ -240,8 +240,8 @@ def fold(
             _blame_nonfinite(checkpoints, t, index, np.empty_like(out))
         acc /= scale
         bits = buffers[1].view(np.uint32)  # the terms are folded in: scratch now
-        narrow(acc, out, t.dtype, buffers[3], bits, nan=allow_nonfinite)
-        write(t, index, out.view(t.dtype))
+        narrow(acc, out, t.logical, buffers[3], bits, nan=allow_nonfinite)
+        write(t, index, out)
 
     def piece(t: Tensor, index: tuple[slice, ...], buffers: Buffers) -> int:
         if t.name in whole:

@@ -431,6 +431,20 @@ def test_python_m_streamavg_imports_no_tensorflow(checkpoints, tmp_path):
     assert out.stdout.splitlines()[-1] == "0 []"
 
 
+@pytest.mark.parametrize("case", ["k3-keras-bf16", "k3-weights-f16"])
+def test_bfloat16_and_float16_runs_import_no_ml_dtypes(checkpoints, tmp_path, case):
+    """ml_dtypes takes most of a second to import: the fold widens and narrows bfloat16
+    without it."""
+    out = tmp_path / ("a.keras" if case.endswith("bf16") else "a.weights.h5")
+    args = [str(checkpoints / case), "-q", "-o", str(out)]
+    code = (
+        f"import sys; from streamavg.cli import main; rc = main({args!r}); "
+        "print(rc, 'ml_dtypes' in sys.modules)"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.splitlines()[-1] == "0 False"
+
+
 def test_entry_points():
     for command in (
         [sys.executable, "-m", "streamavg"],

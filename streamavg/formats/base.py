@@ -15,6 +15,7 @@ from typing import NamedTuple, Protocol, runtime_checkable
 
 import numpy as np
 
+from ..casts import named_dtype
 from ..errors import StreamavgError
 from ..publish import atomic_dir, atomic_output
 from ..remote import RemoteFile, as_path, errors, is_url
@@ -24,23 +25,29 @@ PROVENANCE_KEY = "streamavg"  # where every output records how it was made
 
 
 class Tensor(NamedTuple):
-    """One stored tensor. `dtype` is the logical dtype (bfloat16 for Keras's opaque 2-byte data)."""
+    """One stored tensor: `logical` names the dtype its tool meant (bfloat16 for Keras's
+    opaque 2-byte data), `stored` how the container's reader fills a buffer with it."""
 
     name: str
     shape: tuple[int, ...]
-    dtype: np.dtype
+    logical: str  # a numpy or ml_dtypes name: "float32", "bfloat16", "int8", ...
     part: str  # "model", "optimizer" or "other"
-    stored: np.dtype  # as the container's reader fills a buffer: bfloat16 in HDF5 is "V2"
+    stored: np.dtype  # bfloat16 is "V2" in HDF5, "<u2" in safetensors
+
+    @property
+    def dtype(self) -> np.dtype:
+        """The logical dtype (ml_dtypes is imported only here, for its types)."""
+        return named_dtype(self.logical)
 
     @property
     def averaged(self) -> bool:
         """Floating-point model weights can be averaged; the rest is compared, copied or
         dropped (see `engine.to_average`)."""
-        return self.part == "model" and self.dtype.kind in "fV"
+        return self.part == "model" and self.logical.startswith(("float", "bfloat"))
 
     @property
     def nbytes(self) -> int:
-        return math.prod(self.shape) * self.dtype.itemsize
+        return math.prod(self.shape) * self.stored.itemsize
 
 
 class Targets(NamedTuple):

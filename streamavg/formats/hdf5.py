@@ -71,13 +71,11 @@ HEAP_WINDOW = 1 << 20  # bytes of metadata searched at a time for global heaps
 MAX_EXPANSION = 1100  # deflate expands at most about 1032:1; more than that is a bomb or a lie
 
 
-def logical_dtype(stored: np.dtype) -> np.dtype:
+def logical_name(stored: np.dtype) -> str:
     """The dtype Keras meant: untagged 2-byte opaque data is bfloat16 in every Keras format."""
     if stored.kind == "V" and stored.itemsize == 2 and stored.names is None:
-        import ml_dtypes  # only where there is bfloat16 to read
-
-        return np.dtype(ml_dtypes.bfloat16)
-    return stored
+        return "bfloat16"
+    return stored.name
 
 
 def claims(path: Path, head: bytes) -> bool:
@@ -224,7 +222,7 @@ class Checkpoint(ReaderBase):
         stored, shape = dsid.dtype, dsid.shape
         if shape is None:  # an HDF5 "null" dataspace holds nothing at all
             raise StreamavgError(f"{self.path}: {name}: empty dataspace")
-        tensor = Tensor(name, shape, logical_dtype(stored), _part(self.format, name), stored)
+        tensor = Tensor(name, shape, logical_name(stored), _part(self.format, name), stored)
         self.tensors[name] = tensor
         self._datasets[name] = dsid
         if tensor.part != "model":

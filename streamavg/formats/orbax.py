@@ -259,7 +259,9 @@ class Checkpoint(ReaderBase):
             dtype = np.dtype(array.dtype.numpy_dtype)
             if not _supported(dtype, leaf.part):
                 raise StreamavgError(f"{self.path}: {leaf.name}: unsupported dtype {dtype}")
-            self.tensors[leaf.name] = Tensor(leaf.name, tuple(array.shape), dtype, leaf.part, dtype)
+            self.tensors[leaf.name] = Tensor(
+                leaf.name, tuple(array.shape), dtype.name, leaf.part, dtype
+            )
         chunks = [_chunk_bytes(self._arrays[n]) for n in self.tensors if not self.whole_reads(n)]
         self._reads = _context(self._ts, max(chunks) + CACHE_SLACK if chunks else 0)
 

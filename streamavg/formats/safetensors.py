@@ -46,15 +46,16 @@ MAX_HEADER = 100_000_000  # bytes: the safetensors library's limit, for headers 
 INDEXES = shard_index.Kind(INDEX_SUFFIX, "safetensors index", MAX_HEADER, lists=False)
 METADATA = "__metadata__"
 COPY_BYTES = 1 << 20  # a tensor copied from the newest checkpoint goes this much at a time
-#: The dtypes of safetensors, by code; those ml_dtypes provides are named, and imported
-#: only where a file holds them (importing ml_dtypes takes a good part of a second).
+#: The dtypes of safetensors, by code: numpy's, or for those ml_dtypes provides the raw
+#: storage and the name (ml_dtypes is imported only where their values are asked for:
+#: importing it takes a good part of a second).
 DTYPES = {
     "F64": "<f8",
     "F32": "<f4",
     "F16": "<f2",
-    "BF16": "bfloat16",
-    "F8_E4M3": "float8_e4m3fn",
-    "F8_E5M2": "float8_e5m2",
+    "BF16": ("<u2", "bfloat16"),
+    "F8_E4M3": ("u1", "float8_e4m3fn"),
+    "F8_E5M2": ("u1", "float8_e5m2"),
     "I64": "<i8",
     "I32": "<i4",
     "I16": "<i2",
@@ -100,10 +101,12 @@ def parts(directory: Path) -> dict[str, Path]:
 
 
 class _Entry(NamedTuple):
-    """One tensor's header entry: its dtype code and numpy dtype, shape, data range."""
+    """One tensor's header entry: its dtype code, stored and logical dtypes, shape, data
+    range."""
 
     code: str
-    dtype: np.dtype
+    dtype: np.dtype  # as stored: raw unsigned integers for ml_dtypes' types
+    logical: str
     shape: tuple[int, ...]
     begin: int
     end: int
@@ -191,24 +194,22 @@ def _entry(path: Path, name: str, info: object) -> _Entry:
         raise StreamavgError(
             f"{path}: {name}: data_offsets is not [begin, end] with 0 <= begin <= end"
         )
-    dtype, (begin, end) = _dtype(code), offsets
+    (dtype, logical), (begin, end) = _dtype(code), offsets
     need = math.prod(shape) * dtype.itemsize
     if end - begin != need:
         raise StreamavgError(
             f"{path}: {name}: data_offsets hold {end - begin:,} bytes, but shape {shape} "
             f"of {code} needs {need:,}"
         )
-    return _Entry(code, dtype, tuple(shape), begin, end)
+    return _Entry(code, dtype, logical, tuple(shape), begin, end)
 
 
 @functools.cache
-def _dtype(code: str) -> np.dtype:
-    name = DTYPES[code]
-    if name.startswith(("bfloat", "float8")):
-        import ml_dtypes
-
-        return np.dtype(getattr(ml_dtypes, name))
-    return np.dtype(name)
+def _dtype(code: str) -> tuple[np.dtype, str]:
+    """The stored dtype of `code` and the logical dtype's name."""
+    found = DTYPES[code]
+    stored, name = found if isinstance(found, tuple) else (found, np.dtype(found).name)
+    return np.dtype(stored), name
 
 
 def _check_tiling(path: Path, entries: dict[str, _Entry], size: int) -> None:
@@ -245,7 +246,7 @@ class _Safetensors(ReaderBase):
         self._files = files
         self._where = {n: (f, e) for f in files.values() for n, e in f.entries.items()}
         self.tensors = {
-            n: Tensor(n, e.shape, e.dtype, "model", e.dtype) for n, (_, e) in self._where.items()
+            n: Tensor(n, e.shape, e.logical, "model", e.dtype) for n, (_, e) in self._where.items()
         }
 
     def layer(self, name: str) -> str:
