@@ -47,7 +47,7 @@ def is_url(path: Any) -> bool:
         return False
     if isinstance(path, (str, os.PathLike)):
         return bool(_URL.match(os.fspath(path)))
-    return hasattr(path, "fs") and hasattr(path, "protocol")
+    return isinstance(getattr(path, "protocol", None), str)  # asking for `fs` would load it
 
 
 def as_path(path: str | os.PathLike | Any) -> Path:
@@ -100,8 +100,8 @@ def _error(url: str, e: BaseException, missing: str) -> StreamavgError:
         why = "access denied"
     elif isinstance(e, FileNotFoundError):
         why = missing
-    elif isinstance(e, ImportError):  # the protocol's own package
-        why = f"{e} ({EXTRA})"
+    elif isinstance(e, ImportError):  # the protocol's own package, which fsspec names
+        return UsageError(f"{url}: {e}")
     else:
         why = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}".rstrip(": ")
     return StreamavgError(f"{url}: {why}")

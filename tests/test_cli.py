@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import re
 import shutil
@@ -487,6 +488,22 @@ def test_url_outputs_that_cannot_be_written_are_refused_and_nothing_is_created(
     code, _, err = run(capsys, checkpoints / "k3-keras", "-o", url)
     assert (code, err) == (2, f"streamavg: error: {url}: {why}\n")
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    "url, why",
+    [
+        ("gs://bucket/run", "Please install gcsfs to access Google Storage"),
+        ("az://bucket/run", "Install adlfs to access Azure Datalake Gen2 and Azure Blob Storage"),
+    ],
+)
+def test_inputs_whose_protocol_package_is_missing_are_one_line(capsys, url, why):
+    pytest.importorskip("upath")
+    for package in ("gcsfs", "adlfs"):
+        if importlib.util.find_spec(package) is not None:
+            pytest.skip(f"{package} is installed here")
+    code, _, err = run(capsys, url)
+    assert (code, err) == (2, f"streamavg: error: {url}: {why}\n")
 
 
 @pytest.mark.parametrize("kind", ["fifo", "device"])
