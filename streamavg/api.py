@@ -183,6 +183,9 @@ def run(
     return Result(dest, p.files, p.weights, notes)
 
 
+LORA = re.compile(r"(^|[./])lora_[AB]([./]|$)")  # PEFT's names for the factors
+
+
 def _meaning(checkpoints: Sequence, policy: str) -> tuple[str, ...]:
     """Notes on what gives the weights their meaning: companions that differ (refused
     unless `policy` is "newest"), and LoRA factors, whose average is not that of updates."""
@@ -193,9 +196,6 @@ def _meaning(checkpoints: Sequence, policy: str) -> tuple[str, ...]:
             "averages is not the average of the updates B·A (average merged weights for that)"
         )
     return tuple(notes)
-
-
-LORA = re.compile(r"(^|[./])lora_[AB]([./]|$)")  # PEFT's names for the factors
 
 
 def _relative(files: Sequence[Path]) -> list[str]:

@@ -170,3 +170,18 @@ def test_inspect_lists_a_folders_weights_files_and_companions(tmp_path, capsys):
         "weights files: model.safetensors",
         "with them: config.json, tokenizer.json",
     ]
+
+
+def test_an_earlier_output_folder_beside_the_checkpoints_is_left_out(tmp_path, capsys):
+    for step in STEPS:
+        folder(tmp_path / "run", step)
+    earlier = tmp_path / "run" / "checkpoint-30.avg-equal-n3"
+    assert run(capsys, tmp_path / "run", "-o", earlier) == (0, "")
+    code, err = run(capsys, tmp_path / "run", "-o", tmp_path / "avg")
+    assert (code, err) == (
+        0,
+        f"streamavg: note: left out {earlier}: an earlier streamavg output\n",
+    )
+    np.testing.assert_array_equal(
+        load_file(tmp_path / "avg" / "model.safetensors")["w"], np.full(4, 20.0)
+    )

@@ -120,12 +120,14 @@ def open_checkpoint(path: Path, *, optimizer: bool = False, like: Folder | None 
 
 
 def averaged(path: Path) -> bool:
-    """Whether `path` is an earlier streamavg output: one of its weights files says so."""
-    try:
-        with Folder(path) as ck:
-            return ck.provenance is not None
-    except StreamavgError:
-        return False
+    """Whether `path` is an earlier streamavg output: each weights file of ours records it,
+    shards too, so only the first one's header or attributes are read, nothing listed."""
+    for p in sorted(path.iterdir()):
+        if p.name.endswith(safetensors.SUFFIX) and p.is_file():
+            return safetensors.averaged(p)
+        if p.name.endswith(".weights.h5") and p.is_file():
+            return hdf5.averaged(p)
+    return False
 
 
 class Folder(ReaderBase):
