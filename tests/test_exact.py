@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from safetensors.numpy import save_file
 
 import streamavg
-from streamavg.casts import narrow
+from streamavg.casts import narrow, widen
 
 BF16 = np.dtype(ml_dtypes.bfloat16)
 DTYPES = [np.dtype(np.float32), np.dtype(np.float16), BF16]
@@ -105,8 +105,19 @@ def test_bfloat16_rounds_as_ml_dtypes_rounds_a_float64():
     ]
 
 
-def test_nonfinite_bfloat16_inputs_average_as_ml_dtypes_rounds(tmp_path):
-    stack = np.array([[np.inf, np.nan, 1.0, -np.inf], [1.0, 2.0, np.inf, -np.inf]]).astype(BF16)
+@pytest.mark.parametrize("dtype", [BF16, np.dtype(np.float16)], ids=lambda d: d.name)
+def test_nonfinite_16_bit_inputs_average_as_the_library_casts_round(tmp_path, dtype):
+    stack = np.array([[np.inf, np.nan, 1.0, -np.inf], [1.0, 2.0, np.inf, -np.inf]]).astype(dtype)
     got = average(tmp_path, stack, "equal", allow_nonfinite=True)
-    want = np.mean(stack.astype(np.float64), axis=0).astype(BF16)
+    want = np.mean(stack.astype(np.float64), axis=0).astype(dtype)
     assert np.array_equal(got.view(np.uint16), want.view(np.uint16))
+
+
+@pytest.mark.parametrize("dtype", [BF16, np.dtype(np.float16)], ids=lambda d: d.name)
+def test_every_16_bit_pattern_widens_to_its_value(dtype):
+    every = np.arange(1 << 16, dtype=np.uint16).view(dtype)
+    for x in (every, every[np.isfinite(every)]):  # float16 with Inf or NaN: numpy's cast
+        got = widen(x, dtype.name, np.empty(x.size, np.float32)).astype(np.float64)
+        want = x.astype(np.float64)
+        assert np.array_equal(got, want, equal_nan=True)
+        assert np.array_equal(np.signbit(got), np.signbit(want))
