@@ -78,8 +78,9 @@ def floor(folder: Path) -> float:
 def streamavg(folder: Path, out: Path) -> tuple[float, int]:
     """Seconds and peak RSS (KiB) of a whole `python -m streamavg` run."""
     cmd = [sys.executable, "-c", CHILD, str(folder), "-o", str(out), "-q", "--overwrite"]
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}  # as installed
     start = time.perf_counter()
-    done = subprocess.run(cmd, capture_output=True, text=True, check=True)
+    done = subprocess.run(cmd, capture_output=True, text=True, check=True, env=env)
     return time.perf_counter() - start, int(done.stdout.split()[-1])
 
 
