@@ -58,9 +58,8 @@ def make(folder: Path, n: int, mb: int, dtype: str) -> None:
         )
 
 
-def floor(folder: Path) -> float:
-    """Seconds to read every byte of the checkpoints once, one thread per core."""
-    files = sorted(folder.glob("*.safetensors"))
+def floor(files: list[Path]) -> float:
+    """Seconds to read every byte of `files` once, one thread per core."""
     chunk = 8 << 20
 
     def read(path: Path) -> None:
@@ -97,10 +96,11 @@ def main() -> None:
         folder = args.workdir / dtype
         make(folder, args.n, args.mb, dtype)
         out = args.workdir / f"avg-{dtype}.safetensors"
-        floor(folder)  # into the page cache
+        files = sorted(folder.glob("*.safetensors"))
+        floor(files)  # into the page cache
         floors, runs, peaks = [], [], []
         for _ in range(args.repeats):
-            floors.append(floor(folder))
+            floors.append(floor(files))
             seconds, peak = streamavg(folder, out)
             runs.append(seconds)
             peaks.append(peak)

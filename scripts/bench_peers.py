@@ -31,10 +31,10 @@ import statistics
 import subprocess
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
+from bench_dtypes import floor  # every input byte read once, one thread per core
 
 PACKAGES = ["torch", "torchvision", "safetensors", "timm", "transformers", "mergekit>=0.1,<0.2"]
 GENERATE = """
@@ -157,22 +157,6 @@ def make(python: Path, work: Path, kind: str, dtype: str, n: int, small: bool) -
         done.write_text(str(n))
     name = "checkpoint-{}" if kind == "llama" else "step_{}.safetensors"
     return [folder / name.format(step) for step in range(1, n + 1)]
-
-
-def floor(files: list[Path]) -> float:
-    """Seconds to read every byte of `files` once, one thread per core."""
-    chunk = 8 << 20
-
-    def read(path: Path) -> None:
-        buf = bytearray(chunk)
-        with open(path, "rb", buffering=0) as f:
-            while f.readinto(buf):
-                pass
-
-    start = time.perf_counter()
-    with ThreadPoolExecutor(os.cpu_count()) as pool:
-        list(pool.map(read, files))
-    return time.perf_counter() - start
 
 
 def shards(path: Path) -> list[Path]:
