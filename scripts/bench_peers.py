@@ -15,9 +15,9 @@ at each N, and timm's resnet50 (--small: test_resnet) as single float32 files at
 checkpoint the same random weights plus seeded noise, written once. Per case, alternating
 REPEATS times: the read floor (every input byte once, one thread per core, page cache warm)
 and each tool. Prints per case the median wall time, its ratio to the floor and to
-streamavg, peak RSS (wait4), the max ulp against the float64 mean rounded to the stored
-dtype (in ulps at that mean: huge where the inputs cancel and the sums are not float64),
-and whether every tensor keeps its stored dtype.
+streamavg, peak RSS (each child's own VmHWM), the max ulp against the float64 mean rounded
+to the stored dtype (in ulps at that mean: huge where the inputs cancel and the sums are
+not float64), and whether every tensor keeps its stored dtype.
 """
 
 from __future__ import annotations
@@ -36,6 +36,19 @@ from pathlib import Path
 import numpy as np
 from bench_dtypes import floor  # every input byte read once, one thread per core
 
+PEAK = """
+import atexit, runpy, sys
+def report():  # this process's own high-water mark: rusage would count the parent's
+    status = open("/proc/self/status").read()
+    print("peak RSS KiB", status.split("VmHWM:")[1].split()[0], flush=True)
+atexit.register(report)
+target, *sys.argv = sys.argv[1:]
+if target == "-m":
+    runpy.run_module(sys.argv[0], run_name="__main__", alter_sys=True)
+else:
+    sys.argv.insert(0, target)
+    runpy.run_path(target, run_name="__main__")
+"""
 PACKAGES = ["torch", "torchvision", "safetensors", "timm", "transformers", "mergekit>=0.1,<0.2"]
 GENERATE = """
 import copy, sys
@@ -119,17 +132,23 @@ save_file({k: v.clamp(info.min, info.max).to(dtype=torch.float32) for k, v in su
 
 
 def run(cmd: list, cwd: Path, log: Path) -> tuple[float, int]:
-    """Seconds and peak RSS (KiB) of one whole child process; raises with its log's tail."""
+    """Seconds and peak RSS (KiB, as PEAK prints it) of one whole child process; raises
+    with its log's last line."""
     env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
     with open(log, "w") as f:
         start = time.perf_counter()
-        child = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=f, stderr=subprocess.STDOUT)
-        _, status, usage = os.wait4(child.pid, 0)
+        code = subprocess.run(cmd, cwd=cwd, env=env, stdout=f, stderr=subprocess.STDOUT)
         seconds = time.perf_counter() - start
-    child.returncode = os.waitstatus_to_exitcode(status)
-    if child.returncode:
-        raise RuntimeError(log.read_text().strip().splitlines()[-1])
-    return seconds, usage.ru_maxrss
+    lines = log.read_text().strip().splitlines() or [""]
+    peaks = [int(line.split()[-1]) for line in lines if line.startswith("peak RSS KiB")]
+    if code.returncode:
+        raise RuntimeError([line for line in lines if not line.startswith("peak RSS")][-1])
+    return seconds, peaks[-1] if peaks else 0
+
+
+def peak(python: Path | str, *target: object) -> list:
+    """Run `target` (a script, or "-m" and a module) under `python` through PEAK."""
+    return [python, "-c", PEAK, *target]
 
 
 def environment(work: Path) -> Path:
@@ -211,10 +230,10 @@ def tools(python: Path, work: Path, inputs: list[Path], dtype: str, hf: bool) ->
         (work / "mergekit.yml").write_text(json.dumps(config, indent=1))  # YAML reads JSON
     mergekit = [python.parent / "mergekit-yaml", work / "mergekit.yml", "--no-copy-tokenizer"]
     return {
-        "streamavg": [sys.executable, "-m", "streamavg", *inputs, "-q", "--overwrite", "-o"],
-        "fairseq": [python, work / "fairseq_avg.py", *inputs],
-        "timm": [python, work / "timm_avg.py", *inputs],
-        "mergekit": [*mergekit, "--quiet"] if hf else None,
+        "streamavg": peak(sys.executable, "-m", "streamavg", *inputs, "-q", "--overwrite", "-o"),
+        "fairseq": peak(python, work / "fairseq_avg.py", *inputs),
+        "timm": peak(python, work / "timm_avg.py", *inputs),
+        "mergekit": peak(python, *mergekit, "--quiet") if hf else None,
     }
 
 

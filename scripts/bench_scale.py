@@ -56,11 +56,11 @@ def dask_cluster(workers: int, workdir: Path):
     quiet = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL}
     dask = [sys.executable, "-m", "dask"]
     common = ["--scheduler-file", str(info)]
+    loopback = ["--host", "127.0.0.1", "--dashboard-address", "127.0.0.1:0"]  # no 0.0.0.0
     processes = [
-        subprocess.Popen([*dask, "scheduler", "--host", "127.0.0.1", "--port", "0",
-                          "--no-dashboard", *common], **quiet),
-        subprocess.Popen([*dask, "worker", "--host", "127.0.0.1", "--nworkers", str(workers),
-                          "--nthreads", "1", "--no-dashboard", *common], **quiet),
+        subprocess.Popen([*dask, "scheduler", *loopback, "--port", "0", *common], **quiet),
+        subprocess.Popen([*dask, "worker", *loopback, "--nworkers", str(workers),
+                          "--nthreads", "1", *common], **quiet),
     ]  # fmt: skip
     try:
         while not info.exists():

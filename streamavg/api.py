@@ -19,9 +19,9 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from . import remote
+from . import multipart, remote
 from ._version import __version__
-from .cluster import fold_on
+from .cluster import Sending, fold_on
 from .companions import check_companions
 from .engine import MIN_MEMORY, fold, model_tensors, open_all, taken_whole, to_average
 from .errors import UsageError, option
@@ -138,9 +138,12 @@ def run(
         raise UsageError(f"{option('max_memory')} must be at least {MIN_MEMORY >> 20}M")
     with ExitStack() as stack:
         dest = url = resolve(output, p.format, p.files, p.scheme, overwrite=overwrite)
+        sending = None
         if isinstance(url, str):  # written here, then uploaded (see streamavg.remote)
             tmp = stack.enter_context(tempfile.TemporaryDirectory(prefix="streamavg-"))
             dest = Path(tmp) / url.rsplit("/", 1)[-1]
+            if client is not None and multipart.supported(url):  # the workers upload it
+                sending = stack.enter_context(Sending(dest, url))
         checkpoints = open_all(p.files, stack)
         newest = checkpoints[-1]
         notes = _meaning(checkpoints, companions)
@@ -166,7 +169,9 @@ def run(
         ) as write:
             if client is not None:
                 folding = {"allow_nonfinite": allow_nonfinite, "progress": progress}
-                fold_on(client, p.files, p.folded, averaged, write.targets, **folding)
+                spread = fold_on(
+                    client, p.files, p.folded, averaged, write.targets, sending=sending, **folding
+                )
             else:
                 fold(
                     checkpoints,
@@ -177,9 +182,11 @@ def run(
                     allow_nonfinite=allow_nonfinite,
                     progress=progress,
                 )
-        if isinstance(url, str):
+        if sending is not None:
+            sending.finish(client, spread, progress)
+        elif isinstance(url, str):
             remote.upload(dest, url)
-            dest = url
+        dest = url if isinstance(url, str) else dest
     return Result(dest, p.files, p.weights, notes)
 
 

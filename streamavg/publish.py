@@ -171,6 +171,13 @@ def _temp(dest: Path, suffix: str, folder: bool) -> Path:
     return Path(name)
 
 
+def published(path: Path) -> Path:
+    """Where `path`, a temporary file or a file in a temporary folder (see `_temp`), will be
+    once its output is published."""
+    names = [p[1 : p.index(TEMP_MARK)] if _OWNER.search(p) else p for p in path.parts]
+    return Path(*names)
+
+
 def _remove_leftovers(directory: Path) -> None:
     """Delete temporary files that runs on this host left in `directory` when they died."""
     for path in directory.glob(f".*{TEMP_MARK}*"):

@@ -6,7 +6,8 @@ the tensors, fetched concurrently ahead of the fold (`RemoteFile.prefetch`). No 
 downloaded whole, and one that changes during the run is refused (its ETag).
 
 Outputs are written to a local temporary file, then uploaded: an object store publishes
-an object only once it is complete, so no reader sees part of it.
+an object only once it is complete, so no reader sees part of it (on Dask, the workers
+upload an S3 output's parts themselves: see `streamavg.cluster`).
 
 Credentials and endpoints come from where the protocol's library looks (`AWS_*`,
 `AWS_ENDPOINT_URL`, fsspec's configuration). Needs the `[remote]` extra.
@@ -18,7 +19,7 @@ import functools
 import os
 import re
 import threading
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
@@ -126,21 +127,31 @@ def check_destination(url: str, overwrite: bool) -> None:
         raise UsageError(f"{url}: already exists (pass {option('overwrite', True)} to replace it)")
 
 
-def upload(local: Path, url: str) -> None:
+def upload(local: Path, url: str, done: Mapping[str, Callable[[], None]] | None = None) -> None:
     """Put the finished output `local` at `url`, each file as one object: a sharded
     output's shards beside it, a folder's files inside it. The JSON files that loaders
-    open first (a manifest, an index, `config.json`) go last, once the rest is there."""
-    fs, path = _filesystem(url)
-    parent = path.rsplit("/", 1)[0]
-    if local.is_dir():
-        files = [(f, f"{path}/{f.relative_to(local).as_posix()}") for f in local.rglob("*")]
-    else:  # with the files written beside it (shards)
-        files = [(f, f"{parent}/{f.name}") for f in local.parent.iterdir()]
-    files.sort(key=lambda pair: (pair[0] == local, pair[0].suffix == ".json"))
+    open first (a manifest, an index, `config.json`) go last, once the rest is there.
+    A file named in `done` is published by calling what it maps to (its upload's
+    completion), not uploaded."""
+    fs, _ = _filesystem(url)
+    files = local.rglob("*") if local.is_dir() else local.parent.iterdir()  # shards beside
+    order = sorted(files, key=lambda f: (f == local, f.suffix == ".json"))
     with errors(url, OUTPUT_MISSING):
-        for f, key in files:
-            if f.is_file():
-                fs.put_file(str(f), key)
+        for f in order:
+            if done and str(f) in done:
+                done[str(f)]()
+            elif f.is_file():
+                fs.put_file(str(f), fs._strip_protocol(object_url(local, url, f)))
+
+
+def object_url(local: Path, url: str, f: Path) -> str:
+    """The URL that file `f` of the output `local` (in it, or a shard beside it) goes to,
+    the output going to `url`."""
+    if f == local:
+        return url
+    if f.is_relative_to(local):
+        return f"{url.rstrip('/')}/{f.relative_to(local).as_posix()}"
+    return f"{url.rsplit('/', 1)[0]}/{f.name}"
 
 
 class RemoteFile:
@@ -158,7 +169,7 @@ class RemoteFile:
             self._fs = path.fs
             self._raw = self._fs.open(path.path, "rb", cache_type="none")
             self.size = self._raw.size
-        self._version = _version(self._raw.details)
+            self._version = _version(self._raw.details)
         self._reads: dict[tuple[int, int], _Request] = {}  # prefetched, by (offset, size)
         self._open: _Request | None = None  # the request that prefetches are merged into
         self._lock = threading.Lock()  # guards the prefetches' books

@@ -19,7 +19,6 @@ from collections.abc import Collection, Iterator
 from contextlib import ExitStack, contextmanager, suppress
 from pathlib import Path
 
-import h5py
 import numpy as np
 
 from .. import publish
@@ -33,6 +32,7 @@ from .base import (
     Write,
     require_regular_file,
 )
+from .hdf5 import h5py
 
 SUFFIXES = {"keras-sharded": ".weights.json"}
 ACCEPTED = {"keras-sharded": (".weights.json",)}
