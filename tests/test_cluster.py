@@ -231,6 +231,9 @@ def apart(tmp_path_factory, endpoint):
     store: each worker runs in a mount namespace of its own, with an empty tmpfs over the
     client's temporary directory (its checkpoints, outputs and working directory)."""
     hidden = tmp_path_factory.getbasetemp()
+    probe = ["unshare", "--mount", "--propagation", "private", "true"]
+    if shutil.which("unshare") is None or subprocess.run(probe, check=False).returncode:
+        pytest.skip("workers apart need `unshare --mount` (root, or a user namespace)")
     spool = Path(tempfile.mkdtemp(prefix="streamavg-dask-"))  # the scheduler's address
     dask = [sys.executable, "-m", "dask"]
     env = {**os.environ, **CREDENTIALS, "AWS_ENDPOINT_URL": endpoint}
