@@ -4,7 +4,8 @@ per task, for the README's extrapolation.
 
 Writes --n Keras 3 `.keras` checkpoints of about --mb MB (as scripts/bench.py does),
 uploads them to moto's S3 server (started here, in its own process, on 127.0.0.1), then
-times, median of --repeats, for each source of inputs (local files, then S3):
+times, median of --repeats, for each source of inputs (local files, then S3), and S3
+inputs to an S3 output on workers that share no disk with this process (root only):
 
   local      streamavg.average(INPUTS, output=OUT): the threads of one process; peak
              RSS from a run of `python -m streamavg`, which reports its own
@@ -27,15 +28,18 @@ import json
 import os
 import re
 import resource
+import shutil
 import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 from bench import generate
+from distributed import get_task_stream
 
 import streamavg
 from streamavg import cluster
@@ -46,21 +50,22 @@ def peak_rss_mib() -> float:
 
 
 @contextmanager
-def dask_cluster(workers: int, workdir: Path):
+def dask_cluster(workers: int, workdir: Path, hide: Path | None = None):
     """A scheduler and `workers` worker processes (one thread each) on loopback, started
-    with the `dask` commands, as on a real cluster: their memory is their own."""
+    with the `dask` commands, as on a real cluster: their memory is their own. With `hide`,
+    the workers run in a mount namespace of their own with an empty tmpfs over that
+    folder (root only): they share no disk with this process."""
     from distributed import Client
 
-    info = workdir / "scheduler.json"
-    info.unlink(missing_ok=True)
+    info = Path(tempfile.mkdtemp(prefix="streamavg-dask-")) / "scheduler.json"  # not hidden
     quiet = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL}
     dask = [sys.executable, "-m", "dask"]
     common = ["--scheduler-file", str(info)]
     loopback = ["--host", "127.0.0.1", "--dashboard-address", "127.0.0.1:0"]  # no 0.0.0.0
     processes = [
         subprocess.Popen([*dask, "scheduler", *loopback, "--port", "0", *common], **quiet),
-        subprocess.Popen([*dask, "worker", *loopback, "--nworkers", str(workers),
-                          "--nthreads", "1", *common], **quiet),
+        subprocess.Popen([*apart(hide), *dask, "worker", *loopback, "--nworkers", str(workers),
+                          "--nthreads", "1", *common], cwd="/", **quiet),
     ]  # fmt: skip
     try:
         while not info.exists():
@@ -72,6 +77,15 @@ def dask_cluster(workers: int, workdir: Path):
         for p in reversed(processes):
             p.terminate()
             p.wait()
+        shutil.rmtree(info.parent, ignore_errors=True)
+
+
+def apart(hide: Path | None) -> list[str]:
+    """The command prefix that runs a command with an empty tmpfs over `hide`."""
+    if hide is None:
+        return []
+    script = 'mount -t tmpfs tmpfs "$0" && exec "$@"'
+    return ["unshare", "--mount", "--propagation", "private", "sh", "-c", script, str(hide)]
 
 
 @contextmanager
@@ -206,6 +220,31 @@ def main() -> None:
                 ),
                 "tasks": 0,
             }
+        s3_out = "s3://bench/out/avg.keras"
+        for k in args.workers:  # S3 to S3, workers that share no disk with this process
+            with dask_cluster(k, args.workdir, hide=args.workdir.resolve()) as client:
+                seconds, cpu = [], []
+                for _ in range(args.repeats):
+                    client.restart()
+                    before = resource.getrusage(resource.RUSAGE_SELF)
+                    with get_task_stream(client) as stream:
+                        seconds += timed(
+                            lambda client=client: streamavg.average(
+                                urls, output=s3_out, overwrite=True, client=client
+                            ),
+                            1,
+                        )
+                    after = resource.getrusage(resource.RUSAGE_SELF)
+                    cpu.append(after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime)
+                assert fs.cat("bench/out/avg.keras") == reference, "the workers sent other bytes"
+                etag = fs.info("bench/out/avg.keras")["ETag"].strip('"')
+                results[f"s3 to s3 dask-{k} apart"] = {
+                    "seconds": seconds,
+                    "tasks": sum("streamavg-fold" in str(t["key"]) for t in stream.data),
+                    "parts": int(etag.split("-")[1]) if "-" in etag else 1,
+                    "client_cpu_s": cpu,
+                    "peak_rss_mib_per_worker": sorted(client.run(peak_rss_mib).values()),
+                }
     round_trip = results.pop("round_trip_s")
     opening = statistics.median(timed(lambda: open_only(files), args.repeats))
     overhead = round_trip + opening
@@ -217,7 +256,8 @@ def main() -> None:
     local = statistics.median(results["local"]["seconds"])
     for name, res in results.items():
         wall = statistics.median(res["seconds"])
-        read = statistics.median(results[f"{name.split()[0]} floor"]["seconds"])
+        source = "s3" if name.startswith("s3") else "local"
+        read = statistics.median(results[f"{source} floor"]["seconds"])
         per_task = per_checkpoint / res["tasks"] if res["tasks"] else per_checkpoint
         rss = res.get(
             "peak_rss_mib_per_worker", [res["peak_rss_mib"]] if "peak_rss_mib" in res else []
@@ -227,6 +267,12 @@ def main() -> None:
             f"| {res['tasks'] or '-'} "
             f"| {per_task / 1e6:.1f} MB | {', '.join(f'{r:.0f} MiB' for r in rss) or '-'} |"
         )
+    for name, res in results.items():
+        if "parts" in res:
+            print(
+                f"\n{name}: {res['parts']} parts of the output sent by the workers; the client "
+                f"used {statistics.median(res['client_cpu_s']):.2f} s of CPU a run"
+            )
     print(
         f"\nper-task overhead: {overhead * 1e3:.1f} ms = a Dask round trip "
         f"{round_trip * 1e3:.1f} ms + opening the {args.n} inputs {opening * 1e3:.1f} ms"

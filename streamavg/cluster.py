@@ -90,10 +90,17 @@ def fold_on(
     """Fold `tensors` of `files` into the output `targets` describe, as Dask tasks: into
     its local files, or with `sending`, into its objects in the store; what the tasks
     folded with."""
-    if targets is None or not {t.name for t in tensors} <= targets.places.keys():
+    if targets is None:
         raise UsageError(
-            "the Dask fold cannot write this output: its tensors are not at fixed offsets "
-            "in files (an Orbax checkpoint, or chunked HDF5 datasets)"
+            "the Dask fold cannot write an Orbax checkpoint: TensorStore compresses each "
+            "array into one chunk, which has no fixed place in a file for a worker to "
+            "write; average Orbax checkpoints in one process"
+        )
+    if not {t.name for t in tensors} <= targets.places.keys():
+        raise UsageError(
+            "the Dask fold cannot write this output: its datasets are chunked (as h5py "
+            "may write them, Keras never does), with no fixed place in the file for a "
+            "worker to write"
         )
     inputs = [str(remote.absolute(f)) for f in files]  # not each worker's own directory
     places = {name: (os.path.abspath(path), at) for name, (path, at) in targets.places.items()}

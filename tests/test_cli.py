@@ -506,6 +506,17 @@ def test_inputs_whose_protocol_package_is_missing_are_one_line(capsys, url, why)
     assert (code, err) == (2, f"streamavg: error: {url}: {why}\n")
 
 
+def test_file_and_memory_urls_are_read_and_written_as_paths_are(checkpoints, tmp_path, capsys):
+    """Protocols that need no network: `file://` is the local path, `memory://` fsspec's
+    in-process store."""
+    fsspec = pytest.importorskip("fsspec")
+    local = tmp_path / "a.keras"
+    assert run(capsys, checkpoints / "k3-keras", "-o", local, "-q")[0] == 0
+    url = f"memory://streamavg/{tmp_path.name}/avg.keras"
+    assert run(capsys, f"file://{checkpoints / 'k3-keras'}", "-o", url, "-q")[0] == 0
+    assert fsspec.filesystem("memory").cat(url) == local.read_bytes()
+
+
 @pytest.mark.parametrize("kind", ["fifo", "device"])
 def test_an_output_that_is_not_a_regular_file_is_never_replaced(
     checkpoints, tmp_path, capsys, kind

@@ -119,8 +119,9 @@ def test_an_output_the_workers_cannot_write_is_refused_in_one_line(tmp_path, cli
     out = tmp_path / "avg.weights.h5"
     assert main([str(tmp_path), "-o", str(out), "-q", "--scheduler", client.scheduler.address]) == 2
     assert capsys.readouterr().err == (
-        "streamavg: error: the Dask fold cannot write this output: its tensors are not at "
-        "fixed offsets in files (an Orbax checkpoint, or chunked HDF5 datasets)\n"
+        "streamavg: error: the Dask fold cannot write this output: its datasets are chunked "
+        "(as h5py may write them, Keras never does), with no fixed place in the file for a "
+        "worker to write\n"
     )
     assert not out.exists()
 

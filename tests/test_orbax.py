@@ -431,3 +431,19 @@ def test_orbax_checkpoints_in_s3_average_to_the_bytes_of_a_local_run(runs, tmp_p
     remote = streamavg.average([url], scheme="linear", output=tmp_path / "remote")
     assert [str(f) for f in remote.files] == [f"{url}/{f.name}" for f in local.files]
     assert tree(remote.output) == tree(local.output)
+
+
+def test_the_dask_fold_refuses_an_orbax_output_in_one_line(runs, tmp_path, capsys):
+    """TensorStore writes each array as one compressed chunk: a worker has no place in a
+    file to write its tensors at, so the refusal says so, and what to do instead."""
+    from distributed import LocalCluster
+
+    with LocalCluster(n_workers=1, processes=False, dashboard_address=None) as cluster:
+        argv = [str(runs["f32"]["root"]), "-o", str(tmp_path / "avg"), "--scheduler"]
+        assert main([*argv, cluster.scheduler_address]) == 2
+    assert capsys.readouterr().err == (
+        "streamavg: error: the Dask fold cannot write an Orbax checkpoint: TensorStore "
+        "compresses each array into one chunk, which has no fixed place in a file for a "
+        "worker to write; average Orbax checkpoints in one process\n"
+    )
+    assert not (tmp_path / "avg").exists()
