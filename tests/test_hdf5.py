@@ -5,6 +5,9 @@ reading would; any other file is read in full."""
 from __future__ import annotations
 
 import shutil
+import subprocess
+import sys
+import textwrap
 
 import h5py
 import pytest
@@ -43,3 +46,28 @@ def test_a_file_built_otherwise_is_listed_in_full(checkpoints, tmp_path, case):
         assert ck._like is None
         with open_checkpoint(other) as full:
             assert listing(ck) == listing(full)
+
+
+def test_h5py_is_imported_on_first_use_from_any_thread():
+    """A run of other containers never imports h5py; threads that open HDF5 checkpoints
+    at once all find it whole."""
+    code = textwrap.dedent(
+        """
+        import sys, threading
+        import streamavg.cli
+        from streamavg.formats import hdf5
+        assert "h5py" not in sys.modules
+        barrier, got = threading.Barrier(8), []
+        def use():
+            barrier.wait()
+            got.append(hdf5.h5py.File)
+        threads = [threading.Thread(target=use) for _ in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        import h5py
+        assert got == [h5py.File] * 8, got
+        """
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
