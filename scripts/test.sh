@@ -13,4 +13,5 @@ fi
 .venv/bin/ruff check streamavg tests scripts
 .venv/bin/ruff format --check streamavg tests scripts
 export TF_CPP_MIN_LOG_LEVEL=3
-exec .venv/bin/python -m pytest "$@"
+.venv/bin/python -m pytest "$@"
+scripts/floors.sh  # the [remote] extra at its declared minimum versions
