@@ -313,13 +313,13 @@ def test_without_keras_sweep_and_callbacks_name_the_extra(checkpoints, tmp_path)
     out = subprocess.run([sys.executable, "-c", hide + sweep], capture_output=True, text=True)
     assert (out.returncode, out.stderr) == (
         1,
-        "streamavg: error: streamavg sweep needs Keras: pip install 'streamavg[tensorflow]'\n",
+        "streamavg: error: streamavg sweep needs Keras: pip install 'streamavg[keras]'\n",
     )
     out = subprocess.run([sys.executable, "-c", hide + "import streamavg.callbacks"],
                          capture_output=True, text=True)  # fmt: skip
     assert out.returncode == 1
     assert out.stderr.splitlines()[-1] == (
-        "ImportError: streamavg.callbacks needs Keras 3: pip install 'streamavg[tensorflow]'"
+        "ImportError: streamavg.callbacks needs Keras 3: pip install 'streamavg[keras]'"
     )
 
 

@@ -7,9 +7,7 @@
 try:
     import keras  # noqa: F401
 except ImportError:
-    raise ImportError(
-        "streamavg.callbacks needs Keras 3: pip install 'streamavg[tensorflow]'"
-    ) from None
+    raise ImportError("streamavg.callbacks needs Keras 3: pip install 'streamavg[keras]'") from None
 
 from .batchnorm import recalibrate_batchnorm
 from .ema import EMA
