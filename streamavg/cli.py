@@ -38,7 +38,8 @@ DESCRIPTION = """\
 Average checkpoints (.keras, .weights.h5, .weights.json, legacy .h5, Orbax, safetensors,
 and folders as their loaders take them: KerasHub presets, Hugging Face, PEFT) into one of
 their own format, with constant memory.
-Checkpoints are ordered by the epoch number in their names; the newest weighs most.
+Checkpoints are ordered by the epoch number in their names and weighed alike (equal,
+the default), or the newest most (--scheme linear or exp).
 Run `streamavg inspect FILE` to list a checkpoint's tensors, and `streamavg sweep` to
 score the average of the last n checkpoints for every n (or a greedy soup)."""
 

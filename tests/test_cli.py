@@ -18,7 +18,7 @@ import pytest
 from conftest import files, snapshot
 
 from streamavg import __version__, scheme_weights
-from streamavg.cli import main
+from streamavg.cli import _parser, main
 from streamavg.formats import open_checkpoint
 from streamavg.select import KINDS
 
@@ -463,6 +463,8 @@ def test_entry_points():
         assert help_text.stdout.startswith(out.stderr.splitlines()[0] + "\n")
         usage = help_text.stdout.split("\n\n")[0]
         assert "streamavg inspect FILE" in usage and "streamavg sweep PATH... --data NPZ" in usage
+        assert "weighed alike (equal,\nthe default), or the newest most" in help_text.stdout
+    assert _parser().get_default("scheme") == "equal"  # what the help says
 
 
 def test_usage_errors_are_one_line_without_arguments_required_noise(capsys):
