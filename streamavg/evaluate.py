@@ -135,7 +135,7 @@ def import_keras(feature: str):
         with _quiet_stderr():
             import keras
     except ImportError:
-        raise StreamavgError(f"{feature} needs Keras: pip install 'streamavg[keras]'") from None
+        raise UsageError(f"{feature} needs Keras: pip install 'streamavg[keras]'") from None
     return keras
 
 

@@ -327,7 +327,7 @@ MESSAGE = (
 def test_without_tensorstore_in_process(runs, tmp_path, monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "tensorstore", None)  # import fails
     root = runs["f32"]["root"]
-    assert main([str(root), "-o", str(tmp_path / "out")]) == 1
+    assert main([str(root), "-o", str(tmp_path / "out")]) == 2  # usage: not installed
     assert capsys.readouterr().err == f"streamavg: error: {MESSAGE.format(root / '4')}\n"
     assert not (tmp_path / "out").exists()
 

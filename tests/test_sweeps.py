@@ -312,7 +312,7 @@ def test_without_keras_sweep_and_callbacks_name_the_extra(checkpoints, tmp_path)
     sweep = f"from streamavg.cli import main; sys.exit(main({args!r}))"
     out = subprocess.run([sys.executable, "-c", hide + sweep], capture_output=True, text=True)
     assert (out.returncode, out.stderr) == (
-        1,
+        2,
         "streamavg: error: streamavg sweep needs Keras: pip install 'streamavg[keras]'\n",
     )
     out = subprocess.run([sys.executable, "-c", hide + "import streamavg.callbacks"],

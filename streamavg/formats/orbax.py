@@ -45,7 +45,7 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import StreamavgError
+from ..errors import StreamavgError, UsageError
 from ..remote import as_path, errors, is_url
 from .base import (
     Companion,
@@ -125,7 +125,7 @@ def _tensorstore(path: Path):
     try:
         import tensorstore
     except ImportError:
-        raise StreamavgError(NEEDS_EXTRA.format(path)) from None
+        raise UsageError(NEEDS_EXTRA.format(path)) from None  # exit 2: not installed
     return tensorstore
 
 
