@@ -104,6 +104,14 @@ def plan(
     return Plan(sel.paths, tuple(w.tolist()), name, alpha, sel.by_mtime, sel.notes, fmt)
 
 
+def check_options(*, optimizer: str = "drop", max_memory: int | None = None) -> None:
+    """Refuse option values that `run` cannot take, before any work (a dry run too)."""
+    if optimizer not in OPTIMIZER_POLICIES:
+        raise UsageError(f"{option('optimizer')} must be one of {', '.join(OPTIMIZER_POLICIES)}")
+    if max_memory is not None and max_memory < MIN_MEMORY:
+        raise UsageError(f"{option('max_memory')} must be at least {MIN_MEMORY >> 20}M")
+
+
 def run(
     p: Plan,
     output: str | os.PathLike | None = None,
@@ -132,10 +140,7 @@ def run(
     same bytes. A URL `output` (`s3://...`; by default, beside inputs in a store) is
     written locally, then uploaded (see :mod:`streamavg.remote`).
     """
-    if optimizer not in OPTIMIZER_POLICIES:
-        raise UsageError(f"{option('optimizer')} must be one of {', '.join(OPTIMIZER_POLICIES)}")
-    if max_memory is not None and max_memory < MIN_MEMORY:
-        raise UsageError(f"{option('max_memory')} must be at least {MIN_MEMORY >> 20}M")
+    check_options(optimizer=optimizer, max_memory=max_memory)
     with ExitStack() as stack:
         dest = url = resolve(output, p.format, p.files, p.scheme, overwrite=overwrite)
         sending = None

@@ -16,8 +16,8 @@ from contextlib import nullcontext
 
 from . import synthesis
 from ._version import __version__
-from .api import OPTIMIZER_POLICIES, Plan, Result, plan, run
-from .cluster import dask_client
+from .api import OPTIMIZER_POLICIES, Plan, Result, check_options, plan, run
+from .cluster import dask_client, distributed_client
 from .companions import COMPANION_POLICIES
 from .engine import INTEGER_POLICIES
 from .errors import StreamavgError, UsageError, command_line
@@ -246,7 +246,10 @@ def _average(argv: Sequence[str]) -> int:
     _print_notes(p)
     if not args.quiet:
         print(_table(p))
-    if args.dry_run:
+    if args.dry_run:  # every check the run makes before its work
+        check_options(optimizer=args.optimizer, max_memory=args.max_memory)
+        if args.scheduler:
+            distributed_client()
         dest = resolve(args.output, p.format, p.files, p.scheme, overwrite=args.overwrite)
         print(f"dry run: would average {count(len(p.files), 'file')} ({p.scheme}) into {dest}")
         return 0

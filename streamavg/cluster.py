@@ -49,12 +49,18 @@ class Fold(NamedTuple):
     flags: bool  # whether errors name options as a command line does
 
 
-def dask_client(address: str):
-    """A Dask client of the scheduler at `address`; one line if Dask is not installed."""
+def distributed_client() -> type:
+    """Dask's `Client` class; one line if Dask is not installed."""
     try:
         from distributed import Client
     except ImportError:
         raise UsageError("--scheduler needs Dask: pip install 'streamavg[dask]'") from None
+    return Client
+
+
+def dask_client(address: str):
+    """A Dask client of the scheduler at `address`; one line if Dask is not installed."""
+    Client = distributed_client()
     try:
         return Client(address)
     except OSError as e:  # nothing listening, or not a scheduler

@@ -286,6 +286,22 @@ def test_bad_input_gets_one_line_and_changes_nothing(checkpoints, tmp_path, caps
     assert snapshot(d) == before  # inputs untouched, no output, no temporary file
 
 
+def test_a_dry_run_refuses_what_the_run_refuses(checkpoints, capsys):
+    for dry in ([], ["--dry-run"]):
+        got = run(capsys, checkpoints / "k3-weights", "--max-memory", "512K", "-q", *dry)
+        assert got == (2, "", "streamavg: error: --max-memory must be at least 1M\n")
+    without_dask = (
+        "import sys; sys.modules['distributed'] = None; from streamavg.cli import main; "
+        f"sys.exit(main([{str(checkpoints / 'k3-weights')!r}, '-q', '--dry-run', "
+        "'--scheduler', 'tcp://127.0.0.1:1']))"
+    )
+    out = subprocess.run([sys.executable, "-c", without_dask], capture_output=True, text=True)
+    assert (out.returncode, out.stderr) == (
+        2,
+        "streamavg: error: --scheduler needs Dask: pip install 'streamavg[dask]'\n",
+    )
+
+
 def test_allow_nonfinite_averages_nan(case_copy, tmp_path, capsys):
     d = case_copy("k3-weights")
     edit(d / "model_3.weights.h5", set_first("layers/dense/vars/1", np.nan))
