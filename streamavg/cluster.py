@@ -54,7 +54,8 @@ def distributed_client() -> type:
     try:
         from distributed import Client
     except ImportError:
-        raise UsageError("--scheduler needs Dask: pip install 'streamavg[dask]'") from None
+        name = "--scheduler" if on_command_line() else "client"
+        raise UsageError(f"{name} needs Dask: pip install 'streamavg[dask]'") from None
     return Client
 
 
@@ -96,6 +97,7 @@ def fold_on(
     """Fold `tensors` of `files` into the output `targets` describe, as Dask tasks: into
     its local files, or with `sending`, into its objects in the store; what the tasks
     folded with."""
+    distributed_client()  # one line if Dask is missing, whatever `client` is
     if targets is None:
         raise UsageError(
             "the Dask fold cannot write an Orbax checkpoint: TensorStore compresses each "

@@ -17,8 +17,10 @@ import numpy as np
 import pytest
 from conftest import files, snapshot
 
+import streamavg
 from streamavg import __version__, scheme_weights
 from streamavg.cli import _parser, main
+from streamavg.errors import UsageError
 from streamavg.formats import open_checkpoint
 from streamavg.select import KINDS
 
@@ -300,6 +302,14 @@ def test_a_dry_run_refuses_what_the_run_refuses(checkpoints, capsys):
         2,
         "streamavg: error: --scheduler needs Dask: pip install 'streamavg[dask]'\n",
     )
+
+
+def test_the_api_names_the_dask_extra_too(checkpoints, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "distributed", None)  # not installed
+    with pytest.raises(UsageError) as e:
+        streamavg.average([checkpoints / "k3-weights"], output=tmp_path / "a.weights.h5", client=0)
+    assert str(e.value) == "client needs Dask: pip install 'streamavg[dask]'"
+    assert not (tmp_path / "a.weights.h5").exists()
 
 
 def test_allow_nonfinite_averages_nan(case_copy, tmp_path, capsys):
