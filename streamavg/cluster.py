@@ -210,14 +210,13 @@ class Sending:
             upload = self._uploads[path] = multipart.start(url)
             self._etags[upload.id] = {}
             parts = multipart.cut(os.path.getsize(path), spans)
-            kept = {parts[0], parts[-1]} if checksummed else {parts[0]}
-            for number, (a, b) in enumerate(parts, 1):
-                within = [t for s, e, t in spanned if s < b and e > a]
-                mine = {t.name: places[t.name] for t in within}
-                job = multipart.Job(path, upload, number, a, b, ())
-                if (a, b) in kept:
-                    self._kept.append((job, (a, b) == parts[-1], within, mine))
             numbers = {part: k for k, part in enumerate(parts, 1)}
+            kept = {parts[0], parts[-1]} if checksummed else {parts[0]}
+            for a, b in kept:
+                within = [t for s, e, t in spanned if s < b and e > a]
+                job = multipart.Job(path, upload, numbers[a, b], a, b, ())
+                mine = {t.name: places[t.name] for t in within}
+                self._kept.append((job, (a, b) == parts[-1], within, mine))
             for run in multipart.runs(parts, spans, TASK_BYTES):
                 jobs = [self._job(path, numbers[p], *p, sent=True) for p in run if p not in kept]
                 sent = [(j.start, j.end) for j in jobs] if not checksummed else run
