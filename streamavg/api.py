@@ -21,6 +21,7 @@ import numpy as np
 
 from . import multipart, remote
 from ._version import __version__
+from .choices import OPTIMIZER_POLICIES
 from .cluster import Sending, fold_on
 from .companions import check_companions
 from .engine import MIN_MEMORY, fold, model_tensors, open_all, taken_whole, to_average
@@ -30,8 +31,6 @@ from .names import below, common_dir
 from .output import resolve
 from .schemes import fold_weights, scheme_weights
 from .select import select_checkpoints
-
-OPTIMIZER_POLICIES = ("drop", "newest")
 
 
 class Plan(NamedTuple):

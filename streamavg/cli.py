@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
 import resource
@@ -13,19 +14,17 @@ import threading
 import time
 from collections.abc import Sequence
 from contextlib import nullcontext
+from typing import TYPE_CHECKING
 
-from . import synthesis
 from ._version import __version__
-from .api import OPTIMIZER_POLICIES, Plan, Result, check_options, plan, run
-from .cluster import dask_client, distributed_client
-from .companions import COMPANION_POLICIES
-from .engine import INTEGER_POLICIES
+from .choices import COMPANION_POLICIES, INTEGER_POLICIES, MODES, OPTIMIZER_POLICIES, SCHEMES
 from .errors import StreamavgError, UsageError, command_line
-from .formats import open_checkpoint
-from .monitor import MODES
-from .output import resolve
-from .schemes import SCHEMES
-from .select import count
+
+if TYPE_CHECKING:
+    from .api import Plan, Result
+    from .synthesis import Recipe
+
+# The commands import numpy and the rest when they run, so that -h and -V answer at once.
 
 USAGE = """\
 streamavg [options] PATH...              average checkpoints into one
@@ -107,6 +106,12 @@ def _parser() -> argparse.ArgumentParser:
         "and write the output themselves: paths must be the same on every worker",
     )
     out.add_argument("-q", "--quiet", action="store_true", help="no progress bar or weight table")
+    out.add_argument(
+        "--json",
+        action="store_true",
+        help="print the run as one JSON object (inputs and their weights, output, bytes, "
+        "seconds, peak memory, notes) instead of the table, notes and summary",
+    )
     out.add_argument(
         "--dry-run",
         action="store_true",
@@ -240,18 +245,28 @@ def _table(p: Plan) -> str:
 def _average(argv: Sequence[str]) -> int:
     args = _parser().parse_args(argv)
     started = time.perf_counter()
+    from .api import check_options, plan, run
+    from .cluster import dask_client, distributed_client
+    from .output import resolve
+    from .select import count
+
+    quiet = args.quiet or args.json
     p = plan(
         args.inputs, scheme=args.scheme, alpha=args.alpha, weights=args.weights, **_selection(args)
     )
-    _print_notes(p)
-    if not args.quiet:
+    if not args.json:
+        _print_notes(p)
+    if not quiet:
         print(_table(p))
     if args.dry_run:  # every check the run makes before its work
         check_options(optimizer=args.optimizer, max_memory=args.max_memory)
         if args.scheduler:
             distributed_client()
         dest = resolve(args.output, p.format, p.files, p.scheme, overwrite=args.overwrite)
-        print(f"dry run: would average {count(len(p.files), 'file')} ({p.scheme}) into {dest}")
+        if args.json:
+            print(_json(p, p.notes, dest, None, started))
+        else:
+            print(f"dry run: would average {count(len(p.files), 'file')} ({p.scheme}) into {dest}")
         return 0
     with dask_client(args.scheduler) if args.scheduler else nullcontext() as client:
         result = run(
@@ -263,16 +278,47 @@ def _average(argv: Sequence[str]) -> int:
             integers=args.integers,
             companions=args.companions,
             max_memory=args.max_memory,
-            progress=not args.quiet,
+            progress=not quiet,
             client=client,
         )
+    if args.json:
+        print(_json(p, p.notes + result.notes, result.output, _written(result.output), started))
+        return 0
     _print_notes(result)
-    peak_mb = _peak_rss_kib() / 1024
     print(
         f"averaged {count(len(p.files), 'file')} ({p.scheme}) into {result.output} "
-        f"in {time.perf_counter() - started:.2f} s, peak memory {peak_mb:.0f} MB"
+        f"in {time.perf_counter() - started:.2f} s, peak memory {_peak_rss_kib() / 1024:.0f} MB"
     )
     return 0
+
+
+def _json(
+    p: Plan, notes: Sequence[str], output: object, written: int | None, started: float
+) -> str:
+    """The run as one JSON object, for scripts: `written` is None for a dry run."""
+    return json.dumps(
+        {
+            "inputs": [
+                {"path": str(f), "weight": w} for f, w in zip(p.files, p.weights, strict=True)
+            ],
+            "scheme": p.scheme,
+            "format": p.format,
+            "output": str(output),
+            "dry_run": written is None,
+            "bytes": written,
+            "seconds": round(time.perf_counter() - started, 3),
+            "peak_memory": _peak_rss_kib() * 1024,
+            "notes": list(notes),
+        }
+    )
+
+
+def _written(output: object) -> int:
+    """The bytes of the checkpoint at `output`: its weights files and the files with them."""
+    from .formats import open_checkpoint
+
+    with open_checkpoint(output) as ck:
+        return ck.size + sum(c.size for c in ck.companions())
 
 
 def _peak_rss_kib() -> int:
@@ -286,6 +332,9 @@ def _peak_rss_kib() -> int:
 
 def inspect(path: str) -> str:
     """A readable listing of a checkpoint: format, tensors, shapes, dtypes and sizes."""
+    from .formats import open_checkpoint
+    from .select import count
+
     with open_checkpoint(path, optimizer=True) as ck:
         total = sum(t.nbytes for t in ck.tensors.values())
         lines = [
@@ -341,6 +390,9 @@ def _sweep(argv: Sequence[str]) -> int:
     out.add_argument("--overwrite", action="store_true", help="replace an existing output")
     _add_integers(out)
     args = p.parse_args(argv)
+    from .api import plan, run
+    from .output import resolve
+
     if args.greedy and args.scheme != "equal":
         raise UsageError("--greedy averages its soup equally; it takes no --scheme")
     ranking = {"mode": args.mode if args.best else "auto"}  # --mode is the --metric's too
@@ -423,6 +475,9 @@ def _phema(argv: Sequence[str]) -> int:
     p.add_argument("--overwrite", action="store_true", help="replace an existing output")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar or weight table")
     args = p.parse_args(argv)
+    from . import synthesis
+    from .output import resolve
+
     if args.step is not None and args.step < 1:
         raise UsageError(f"--step must be a positive step; got {args.step}")
     scoring = [f"--{k}" for k in ("data", "metric", "model") if getattr(args, k)]
@@ -461,7 +516,7 @@ def _phema(argv: Sequence[str]) -> int:
     return 0
 
 
-def _phema_table(recipe: synthesis.Recipe) -> str:
+def _phema_table(recipe: Recipe) -> str:
     rows = [f"{'#':>3}  {'weight':>10}  {'sigma_rel':>9}  {'step':>9}  file"]
     pairs = zip(recipe.snapshots, recipe.plan.weights, strict=True)
     rows += [

@@ -16,11 +16,11 @@ import re
 from collections.abc import Iterator, Sequence
 from typing import Any
 
+from .choices import COMPANION_POLICIES
 from .errors import StreamavgError, UsageError, option
 from .formats.base import Companion, Reader
 
 #: What to do with companion files that differ between checkpoints.
-COMPANION_POLICIES = ("equal", "newest")
 #: JSON keys that change from save to save without changing what the weights mean: tool
 #: versions, dates, auto-generated layer names (tensors are matched on their own), Keras's
 #: ids of shared objects (Python's `id()`), whether a layer was being trained (frozen, then

@@ -23,6 +23,7 @@ import numpy as np
 
 from .blocks import block_shape, blocks
 from .casts import narrow, widen
+from .choices import INTEGER_POLICIES
 from .errors import StreamavgError, UsageError, option
 from .formats import Reader, Tensor, open_checkpoint
 from .progress import bytes_bar
@@ -40,7 +41,6 @@ READ_AHEAD = 256 << 20  # bytes of inputs fetched ahead of the fold (from object
 MERGE_MAX = 8 << 20  # bytes: the largest request that adjacent prefetches merge into
 
 #: What to do with integer (and boolean) model tensors that differ between checkpoints.
-INTEGER_POLICIES = ("equal", "newest")
 
 Write = Callable[[Tensor, tuple[slice, ...], np.ndarray], None]
 Buffers = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]  # f64, f64, bytes, f32

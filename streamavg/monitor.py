@@ -13,10 +13,10 @@ import re
 from collections.abc import Sequence
 from pathlib import Path
 
+from .choices import MODES
 from .errors import StreamavgError, UsageError, option
 from .formats import require_regular_file
 
-MODES = ("auto", "min", "max")
 # Keras 3's metrics with `_direction = "up"`, by compile() string and default name.
 MAXIMISED = frozenset(
     {

@@ -13,9 +13,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from .choices import SCHEMES
 from .errors import UsageError, option
-
-SCHEMES = ("equal", "linear", "exp")
 
 
 def scheme_weights(

@@ -350,6 +350,77 @@ def test_quiet_prints_only_the_summary(case_copy, tmp_path, capsys):
     assert len(stdout.splitlines()) == 1 and stdout.startswith("averaged 5 files (equal) into ")
 
 
+def test_json_prints_the_run_as_one_object(case_copy, tmp_path, capsys):
+    d = case_copy("k3-weights")
+    out = tmp_path / "avg.weights.h5"
+    code, stdout, stderr = run(capsys, d, "--scheme", "linear", "-o", out, "--json")
+    assert (code, stderr, stdout.count("\n")) == (0, "", 1)
+    got = json.loads(stdout)
+    seconds, peak = got.pop("seconds"), got.pop("peak_memory")
+    assert got == {
+        "inputs": [
+            {"path": f"{d}/model_{i}.weights.h5", "weight": w}
+            for i, w in enumerate(scheme_weights("linear", 5).tolist(), 1)
+        ],
+        "scheme": "linear",
+        "format": "keras-weights",
+        "output": str(out),
+        "dry_run": False,
+        "bytes": out.stat().st_size,
+        "notes": [],
+    }
+    assert isinstance(seconds, float) and 0 < seconds < 60
+    assert isinstance(peak, int) and 10 << 20 < peak < 1 << 30
+    assert got["inputs"][0]["weight"] == pytest.approx(1 / 15, rel=1e-15)
+
+
+def test_json_holds_the_notes_and_a_dry_run_writes_nothing(case_copy, tmp_path, capsys):
+    d = case_copy("k3-keras")
+    for name, p in zip(["zeta", "alpha", "mid"], files(d)[:3], strict=True):
+        p.rename(d / f"{name}.keras")
+    for p in d.glob("model_*"):
+        p.unlink()
+    before = snapshot(d)
+    code, stdout, stderr = run(capsys, d, "-o", tmp_path / "avg.keras", "--json", "--dry-run")
+    assert (code, stderr) == (0, "")
+    got = json.loads(stdout)
+    assert (got["dry_run"], got["bytes"], got["output"]) == (
+        True,
+        None,
+        str(tmp_path / "avg.keras"),
+    )
+    assert got["notes"] == ["file names carry no epoch number; ordered by modification time"]
+    assert list(tmp_path.iterdir()) == [d] and snapshot(d) == before
+    code, stdout, stderr = run(capsys, d, "-o", tmp_path / "avg.keras", "--json")
+    assert (code, stderr) == (0, "")
+    assert json.loads(stdout)["notes"] == got["notes"]
+
+
+def test_json_counts_every_file_of_a_folder_output(tmp_path, capsys):
+    from safetensors.numpy import save_file
+
+    for step in (1, 2):
+        folder = tmp_path / "run" / f"checkpoint-{step}"
+        folder.mkdir(parents=True)
+        save_file({"w": np.full((3, 5), step, np.float32)}, str(folder / "model.safetensors"))
+        (folder / "config.json").write_text('{"model_type": "toy"}')
+    out = tmp_path / "avg"
+    code, stdout, stderr = run(capsys, tmp_path / "run", "-o", out, "--json")
+    assert (code, stderr) == (0, "")
+    written = sorted(p.name for p in out.iterdir())
+    assert written == ["config.json", "model.safetensors"]
+    assert json.loads(stdout)["bytes"] == sum(p.stat().st_size for p in out.iterdir())
+
+
+def test_json_errors_stay_one_line_on_stderr(case_copy, tmp_path, capsys):
+    d = case_copy("k3-weights")
+    truncate(files(d)[2])
+    code, stdout, stderr = run(capsys, d, "-o", tmp_path / "avg.weights.h5", "--json")
+    assert (code, stdout, stderr.count("\n")) == (1, "", 1)
+    assert stderr.startswith(f"streamavg: error: {files(d)[2]}: ")
+    assert list(tmp_path.iterdir()) == [d]
+
+
 def test_default_output_is_not_picked_up_by_a_later_scan(case_copy, capsys):
     d = case_copy("k3-keras")
     assert run(capsys, d, "--scheme", "exp")[0] == 0
@@ -491,6 +562,34 @@ def test_entry_points():
         assert "streamavg inspect FILE" in usage and "streamavg sweep PATH... --data NPZ" in usage
         assert "weighed alike (equal,\nthe default), or the newest most" in help_text.stdout
     assert _parser().get_default("scheme") == "equal"  # what the help says
+
+
+def test_help_and_version_import_nothing_heavy():
+    """-h and -V answer at once (scripts/bench_startup.py times them): the package imports
+    numpy, h5py and the rest only when a command runs."""
+    code = (
+        "import contextlib, io, sys\n"
+        "from streamavg.cli import main\n"
+        "for argv in (['-V'], ['-h'], ['inspect', '-h'], ['sweep', '-h'], ['phema', '-h']):\n"
+        "    with contextlib.redirect_stdout(io.StringIO()), contextlib.suppress(SystemExit):\n"
+        "        main(argv)\n"
+        "ours = sorted(m for m in sys.modules if m.startswith('streamavg'))\n"
+        "print(ours, 'numpy' in sys.modules)\n"
+        "import streamavg\n"
+        "print(streamavg.average.__module__, 'numpy' in sys.modules)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    light = [
+        "streamavg",
+        "streamavg._version",
+        "streamavg.choices",
+        "streamavg.cli",
+        "streamavg.errors",
+    ]
+    assert out.stdout.splitlines() == [f"{light} False", "streamavg.api True"]
+    assert dir(streamavg) == sorted(streamavg.__all__)
+    for name in streamavg.__all__:  # each lazy name is there, as the type checkers see it
+        assert getattr(streamavg, name) is not None
 
 
 def test_usage_errors_are_one_line_without_arguments_required_noise(capsys):
