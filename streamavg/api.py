@@ -98,9 +98,9 @@ def plan(
     )
     w = scheme_weights(scheme, len(sel.paths), alpha=alpha, weights=weights)
     name = "weights" if weights is not None else scheme
-    alpha = alpha if name == "exp" else None
+    decay = alpha if name == "exp" else None
     fmt = format_of(sel.paths[-1])
-    return Plan(sel.paths, tuple(w.tolist()), name, alpha, sel.by_mtime, sel.notes, fmt)
+    return Plan(sel.paths, tuple(w.tolist()), name, decay, sel.by_mtime, sel.notes, fmt)
 
 
 def check_options(*, optimizer: str = "drop", max_memory: int | None = None) -> None:
@@ -141,13 +141,15 @@ def run(
     """
     check_options(optimizer=optimizer, max_memory=max_memory)
     with ExitStack() as stack:
-        dest = url = resolve(output, p.format, p.files, p.scheme, overwrite=overwrite)
-        sending = None
+        url = resolve(output, p.format, p.files, p.scheme, overwrite=overwrite)
+        sending = spread = None
         if isinstance(url, str):  # written here, then uploaded (see streamavg.remote)
             tmp = stack.enter_context(tempfile.TemporaryDirectory(prefix="streamavg-"))
             dest = Path(tmp) / url.rsplit("/", 1)[-1]
             if client is not None and multipart.supported(url):  # the workers upload it
                 sending = stack.enter_context(Sending(dest, url))
+        else:
+            dest = url
         checkpoints = open_all(p.files, stack)
         newest = checkpoints[-1]
         notes = _meaning(checkpoints, companions)
@@ -187,11 +189,11 @@ def run(
                     progress=progress,
                 )
         if sending is not None:
+            assert spread is not None  # `sending` comes with a `client`, which folded
             sending.finish(client, spread, progress)
         elif isinstance(url, str):
             remote.upload(dest, url)
-        dest = url if isinstance(url, str) else dest
-    return Result(dest, p.files, p.weights, notes)
+    return Result(url, p.files, p.weights, notes)
 
 
 LORA = re.compile(r"(^|[./])lora_[AB]([./]|$)")  # PEFT's names for the factors

@@ -23,7 +23,7 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
 from itertools import pairwise
 from pathlib import Path
-from typing import NamedTuple
+from typing import NamedTuple, TypedDict
 
 from .errors import StreamavgError, UsageError, option
 from .formats import (
@@ -69,6 +69,20 @@ class Selection(NamedTuple):
     by_mtime: bool = False
     notes: tuple[str, ...] = ()
     values: tuple[float, ...] = ()
+
+
+class Choosing(TypedDict, total=False):
+    """The keyword arguments of :func:`select_checkpoints` that choose and order the files,
+    for functions that pass them on (`sweep`, `greedy_soup`)."""
+
+    pattern: str | None
+    last: int | None
+    epochs: str | None
+    template: str | None
+    best: int | None
+    monitor: str | None
+    mode: str
+    log: str | os.PathLike | None
 
 
 class _Entry(NamedTuple):

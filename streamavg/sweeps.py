@@ -16,7 +16,7 @@ import os
 from collections.abc import Callable, Iterable
 from contextlib import ExitStack
 from pathlib import Path
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
 
@@ -25,6 +25,11 @@ from .engine import model_tensors, open_all, to_average
 from .formats import Reader, Tensor
 from .schemes import scheme_weights
 from .select import select_checkpoints
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack  # typing's from Python 3.11
+
+    from .select import Choosing
 
 Tensors = dict[str, np.ndarray]
 Evaluate = Callable[[Tensors], float]
@@ -86,7 +91,7 @@ def sweep(
     alpha: float = 2.0,
     maximize: bool = True,
     integers: str = "equal",
-    **select: str | int | None,
+    **select: Unpack[Choosing],
 ) -> Sweep:
     """Score the average of the last n checkpoints for every n, reading each file once.
 
@@ -114,7 +119,7 @@ def greedy_soup(
     evaluate: Evaluate,
     maximize: bool = True,
     integers: str = "equal",
-    **select: str | int | None,
+    **select: Unpack[Choosing],
 ) -> Soup:
     """Wortsman et al.'s greedy soup over the selected checkpoints, in constant memory.
 

@@ -81,7 +81,7 @@ def plan(directory: str | os.PathLike, sigma_rel: float, *, step: int | None = N
         )
     weights = solve([(s.step, s.gamma) for s in chosen], t, target)
     stored = sorted({s.sigma_rel for s in chosen})
-    notes = ()
+    notes: tuple[str, ...] = ()
     if not stored[0] <= sigma_rel <= stored[-1]:
         notes = (
             f"sigma_rel {sigma_rel:g} is outside the stored {stored[0]:g}..{stored[-1]:g}: "
