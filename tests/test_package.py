@@ -16,14 +16,17 @@ from streamavg import __version__
 ROOT = Path(__file__).parent.parent
 
 
+def committed() -> list[str]:
+    """The repository's files, as a release's clean clone holds them."""
+    listed = subprocess.run(["git", "ls-files", "-z"], cwd=ROOT, capture_output=True, check=True)
+    return [name for name in listed.stdout.decode().split("\0") if name]
+
+
 @pytest.fixture(scope="module")
 def built(tmp_path_factory) -> tuple[Path, Path]:
     """The sdist and the wheel, built from the committed files, as a release would be."""
     tree = tmp_path_factory.mktemp("tree")
-    listed = subprocess.run(
-        ["git", "ls-files", "-z"], cwd=ROOT, capture_output=True, check=True
-    ).stdout.decode()
-    for name in filter(None, listed.split("\0")):
+    for name in committed():
         if (ROOT / name).is_file():
             (tree / name).parent.mkdir(parents=True, exist_ok=True)
             (tree / name).write_bytes((ROOT / name).read_bytes())
@@ -83,5 +86,5 @@ def test_the_sdist_leaves_the_tests_out_on_purpose(built):
     assert {"README.md", "CHANGELOG.md", "pyproject.toml", "MANIFEST.in"} <= names
     assert "streamavg/py.typed" in names
     assert not [n for n in names if n.startswith(("tests/", "scripts/", "docs/"))]
-    package = {p.relative_to(ROOT).as_posix() for p in (ROOT / "streamavg").rglob("*.py")}
+    package = {n for n in committed() if n.startswith("streamavg/") and n.endswith(".py")}
     assert {n for n in names if n.endswith(".py")} == package
