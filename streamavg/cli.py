@@ -365,14 +365,18 @@ def inspect(path: str) -> str:
     return "\n".join(lines)
 
 
-def _inspect(argv: Sequence[str]) -> int:
+def _inspect_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="streamavg inspect", description="List a checkpoint's tensors.")
     p.add_argument("file", metavar="FILE")
-    print(inspect(p.parse_args(argv).file))
+    return p
+
+
+def _inspect(argv: Sequence[str]) -> int:
+    print(inspect(_inspect_parser().parse_args(argv).file))
     return 0
 
 
-def _sweep(argv: Sequence[str]) -> int:
+def _sweep_parser() -> argparse.ArgumentParser:
     p = _Parser(
         prog="streamavg sweep",
         description="Score the average of the last n checkpoints for every n in one pass over "
@@ -389,7 +393,11 @@ def _sweep(argv: Sequence[str]) -> int:
     out.add_argument("-o", "--output", metavar="PATH", help="write the best average or soup here")
     out.add_argument("--overwrite", action="store_true", help="replace an existing output")
     _add_integers(out)
-    args = p.parse_args(argv)
+    return p
+
+
+def _sweep(argv: Sequence[str]) -> int:
+    args = _sweep_parser().parse_args(argv)
     from .api import plan, run
     from .output import resolve
 
@@ -434,7 +442,7 @@ def _sweep(argv: Sequence[str]) -> int:
     return 0
 
 
-def _phema(argv: Sequence[str]) -> int:
+def _phema_parser() -> argparse.ArgumentParser:
     p = _Parser(
         prog="streamavg phema",
         description="Make the EMA of relative width sigma_rel from the snapshots that "
@@ -474,7 +482,11 @@ def _phema(argv: Sequence[str]) -> int:
     )
     p.add_argument("--overwrite", action="store_true", help="replace an existing output")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar or weight table")
-    args = p.parse_args(argv)
+    return p
+
+
+def _phema(argv: Sequence[str]) -> int:
+    args = _phema_parser().parse_args(argv)
     from . import synthesis
     from .output import resolve
 
@@ -562,6 +574,16 @@ def _report(e: BaseException) -> int:
         print(f"streamavg: error: {one_line(f'{where}: {e.strerror or e}')}", file=sys.stderr)
         return 1
     raise e
+
+
+def parsers() -> dict[str, argparse.ArgumentParser]:
+    """Each command's parser, by how it is typed (the docs' reference is made from them)."""
+    return {
+        "streamavg": _parser(),
+        "streamavg inspect": _inspect_parser(),
+        "streamavg sweep": _sweep_parser(),
+        "streamavg phema": _phema_parser(),
+    }
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -14,45 +14,6 @@ MARKER = "<!-- cli-reference -->"
 PAGE = "cli.md"
 
 
-class _Captured(Exception):
-    """Carries a parser out of the command that built it, before it parses anything."""
-
-
-def commands() -> list[str]:
-    """The subcommands that the command line's usage names (`streamavg sweep ...`)."""
-    from streamavg import cli
-
-    return re.findall(r"^\s*streamavg (\w+) ", cli.USAGE, re.M)
-
-
-def parsers() -> dict[str, argparse.ArgumentParser]:
-    """Each command's parser, keyed by how it is typed: `streamavg`, `streamavg sweep`, ...
-
-    The subcommands build their parsers inside the functions that run them, so each is
-    called with its `parse_args` replaced by one that hands the parser back unparsed.
-    """
-    from streamavg import cli
-
-    found = {"streamavg": cli._parser()}
-
-    def capture(self: argparse.ArgumentParser, *args: object, **kwargs: object) -> None:
-        raise _Captured(self)
-
-    original = cli._Parser.parse_args
-    cli._Parser.parse_args = capture  # type: ignore[method-assign]
-    try:
-        for name in commands():
-            try:
-                getattr(cli, f"_{name}")([])
-            except _Captured as e:
-                found[f"streamavg {name}"] = e.args[0]
-            else:
-                raise RuntimeError(f"streamavg {name}: no parser found")
-    finally:
-        cli._Parser.parse_args = original  # type: ignore[method-assign]
-    return found
-
-
 def _escape(text: str) -> str:
     """Plain text as Markdown that shows it as written."""
     text = re.sub(r"([\\`*_\[\]{}#+!|])", r"\\\1", text)
@@ -99,6 +60,8 @@ def render_command(command: str, parser: argparse.ArgumentParser) -> str:
 
 def render() -> str:
     """The reference of every command, as Markdown."""
+    from streamavg.cli import parsers
+
     return "\n".join(render_command(c, p) for c, p in parsers().items())
 
 
