@@ -3,22 +3,32 @@ durable, then renamed onto it, so no reader ever sees a half-written checkpoint.
 
 A file is published with one rename (or a hard link, which refuses an existing name); a
 folder (an unzipped `.keras`, a sharded checkpoint) with one rename of the whole folder.
-Leftovers of killed runs carry the process and host in their names and are removed by the
-next run in that folder.
+
+Every temporary entry is a folder beside the destination, `.DEST.streamavg-XXXXXXXX.KIND`
+(a random token; KIND `tmp` for a folder being written, `file` for the folder holding a
+file being written, `old` for a replaced output on its way out), on which the run making
+it holds an exclusive `flock` until it is done with it. A run removes the entries of that
+form in its output's folder that it can lock: leftovers of runs that died, whose locks the
+kernel let go of, and never an entry of a live run, whatever its process, PID namespace,
+container or host. A file gets a folder of its own because HDF5 locks the files it writes
+itself (a second lock on the file would make it refuse to open it).
 """
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import os
 import re
 import resource
 import shutil
+import stat
 import tempfile
 import threading
 import zlib
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import contextmanager, suppress
+from contextlib import ExitStack, contextmanager, suppress
 from pathlib import Path
 
 import numpy as np
@@ -35,8 +45,9 @@ def atomic_output(
 ) -> Iterator[Path]:
     """Yield a temporary path beside `dest`; durably move it onto `dest` if the block succeeds.
 
-    The temporary file is named `.DEST.streamavg-PID@HOST.XXXXXXXX.tmp`, so a killed run's
-    leftovers are recognisable, and the next run in that folder removes them.
+    The temporary file is `.DEST.streamavg-XXXXXXXX.file/DEST.tmp` (`DEST` alone when it
+    ends with `suffix`), in a folder that this run holds locked until the block ends: the
+    next run in that folder removes it if this one dies, never while it lives.
     On failure (or SIGINT/SIGTERM) the temporary file goes, and so do the directories made
     for `dest`. Without `overwrite`, the final step refuses an output that another run put
     in place meanwhile. `need` is a lower bound on the bytes to be written, checked first.
@@ -52,8 +63,10 @@ def atomic_dir(dest: Path, overwrite: bool, *, need: int = 0) -> Iterator[Path]:
     """Yield a temporary folder beside `dest`; durably move it onto `dest` if the block
     succeeds, as :func:`atomic_output` does for a file.
 
-    An existing `dest` (with `overwrite`) is first renamed aside, then removed once the new
-    folder is in place: a crash in between leaves no `dest`, never a mix of old and new.
+    The temporary folder is `.DEST.streamavg-XXXXXXXX.tmp`, locked as a file's is. An
+    existing `dest` (with `overwrite`) is first moved aside, into a locked folder of its
+    own, then removed once the new folder is in place: a crash in between leaves no `dest`,
+    never a mix of old and new.
     """
     with _staged(dest, need, folder=True) as tmp:
         yield tmp
@@ -62,28 +75,35 @@ def atomic_dir(dest: Path, overwrite: bool, *, need: int = 0) -> Iterator[Path]:
 
 @contextmanager
 def _staged(dest: Path, need: int, *, folder: bool, suffix: str = ".tmp") -> Iterator[Path]:
-    """A temporary file or folder beside `dest`, made for it; removed, with the directories
-    made for `dest`, unless the caller has moved it into place when the block ends."""
+    """A temporary file or folder beside `dest`, made for it and locked; removed, with the
+    directories made for `dest`, unless the caller has moved it into place when the block
+    ends. The lock is let go of last, once it is gone or in place."""
     made = [d for d in (dest.parent, *dest.parent.parents) if not d.exists()]
-    try:
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        _remove_leftovers(dest.parent)
-        tmp = _temp(dest, suffix, folder)
-    except OSError as e:
-        _remove_dirs(made)
-        raise StreamavgError(f"{dest}: cannot write ({why(e)})") from None
-    except BaseException:
-        _remove_dirs(made)
-        raise
-    try:
-        _check_space(dest, need)
-        yield tmp
-    except WRITE_ERRORS as e:  # from the writers: reading errors are StreamavgErrors by now
-        _discard(tmp, made)
-        raise StreamavgError(f"{dest}: cannot write ({why(e)})") from None
-    except BaseException:
-        _discard(tmp, made)
-        raise
+    with ExitStack() as held:
+        entry = fd = None
+        try:
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            _remove_leftovers(dest.parent)
+            entry, fd = _claim(dest, "tmp" if folder else "file", held)
+            tmp = entry
+            if not folder:
+                tmp = entry / (dest.name if dest.name.endswith(suffix) else dest.name + suffix)
+                os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+        except OSError as e:
+            _discard(entry, fd, made)
+            raise StreamavgError(f"{dest}: cannot write ({why(e)})") from None
+        except BaseException:
+            _discard(entry, fd, made)
+            raise
+        try:
+            _check_space(dest, need)
+            yield tmp
+        except WRITE_ERRORS as e:  # from the writers: reading errors are StreamavgErrors by now
+            _discard(entry, fd, made)
+            raise StreamavgError(f"{dest}: cannot write ({why(e)})") from None
+        except BaseException:
+            _discard(entry, fd, made)
+            raise
 
 
 def _durable(path: Path) -> None:
@@ -110,7 +130,8 @@ def already_exists(dest: Path) -> UsageError:
 
 
 def _publish_file(tmp: Path, dest: Path, overwrite: bool) -> None:
-    """Move `tmp` onto `dest`; without `overwrite`, atomically refuse an existing `dest`."""
+    """Move `tmp` onto `dest`; without `overwrite`, atomically refuse an existing `dest`.
+    Then remove the temporary folder that held `tmp`."""
     _durable(tmp)
     if overwrite:
         os.replace(tmp, dest)
@@ -126,76 +147,115 @@ def _publish_file(tmp: Path, dest: Path, overwrite: bool) -> None:
         else:
             tmp.unlink()
     sync(dest.parent)
+    tmp.parent.rmdir()
 
 
 def _publish_dir(tmp: Path, dest: Path, overwrite: bool) -> None:
     """Move folder `tmp` onto `dest`. Without `overwrite`, an empty folder made at `dest`
     claims the name (mkdir refuses an existing one), then the rename replaces it."""
     _durable(tmp)
-    aside = None
-    if not overwrite:
-        try:
-            dest.mkdir()
-        except FileExistsError:
-            raise already_exists(dest) from None
-    elif dest.exists():
-        aside = _temp(dest, ".old", folder=True)
-        os.replace(dest, aside)
-    try:
-        os.replace(tmp, dest)
-    except BaseException:
+    with ExitStack() as held:
+        aside = None
         if not overwrite:
-            dest.rmdir()  # the claim, still empty
-        raise
-    sync(dest.parent)
-    if aside is not None:
-        shutil.rmtree(aside, ignore_errors=True)
+            try:
+                dest.mkdir()
+            except FileExistsError:
+                raise already_exists(dest) from None
+        elif dest.exists() or dest.is_symlink():
+            aside, _ = _claim(dest, "old", held)
+            os.replace(dest, aside / dest.name)  # into the locked folder: no run removes it
+        try:
+            os.replace(tmp, dest)
+        except BaseException:
+            if not overwrite:
+                dest.rmdir()  # the claim, still empty
+            raise
+        sync(dest.parent)
+        if aside is not None:
+            shutil.rmtree(aside, ignore_errors=True)
 
 
-TEMP_MARK = ".streamavg-"  # every temporary name: `.DEST.streamavg-PID@HOST.XXXXXXXX.SUFFIX`
-_OWNER = re.compile(re.escape(TEMP_MARK) + r"(\d+)@([\w-]*)\.")
+TEMP_MARK = ".streamavg-"  # in every temporary name: `.DEST.streamavg-XXXXXXXX.KIND`
+_TEMP = re.compile(rf"\.(.+){re.escape(TEMP_MARK)}[a-z0-9_]{{8}}\.(tmp|file|old)")
+_UNLOCKABLE = {errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL, errno.EBADF}  # flock unsupported
 
 
-def _host() -> str:
-    return re.sub(r"[^\w-]", "-", os.uname().nodename)
+def _claim(dest: Path, kind: str, held: ExitStack) -> tuple[Path, int]:
+    """A new empty folder beside `dest`, `.DEST.streamavg-XXXXXXXX.KIND`, and a descriptor
+    of it holding an exclusive lock on it until `held` closes.
+
+    A run cleaning up may lock the folder between its making and its locking here, and
+    remove it: once the lock is ours, the folder must still be at its name, or another is
+    made. Where the file system has no such locks, the folder is not locked, and no run
+    can lock it either to remove it."""
+    while True:
+        prefix, suffix = f".{dest.name}{TEMP_MARK}", f".{kind}"
+        path = Path(tempfile.mkdtemp(dir=dest.parent, prefix=prefix, suffix=suffix))
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+        except FileNotFoundError:  # removed already
+            continue
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX)  # waits for a run that locked it first
+            except OSError as e:
+                if e.errno not in _UNLOCKABLE:
+                    raise
+            mine = _names(path, fd)
+        except BaseException:
+            os.close(fd)
+            raise
+        if mine:
+            held.callback(os.close, fd)  # closing it lets go of the lock
+            return path, fd
+        os.close(fd)
 
 
-def _temp(dest: Path, suffix: str, folder: bool) -> Path:
-    """A new temporary file or folder beside `dest`, named for this process so leftovers
-    can be told."""
-    prefix = f".{dest.name}{TEMP_MARK}{os.getpid()}@{_host()}."
-    if folder:
-        return Path(tempfile.mkdtemp(dir=dest.parent, prefix=prefix, suffix=suffix))
-    fd, name = tempfile.mkstemp(dir=dest.parent, prefix=prefix, suffix=suffix)
-    os.close(fd)
-    return Path(name)
+def _names(path: Path, fd: int) -> bool:
+    """Whether `path` is (still) the file or folder open as `fd`."""
+    try:
+        at = os.stat(path, follow_symlinks=False)
+    except FileNotFoundError:
+        return False
+    st = os.fstat(fd)
+    return (at.st_dev, at.st_ino) == (st.st_dev, st.st_ino)
 
 
 def published(path: Path) -> Path:
-    """Where `path`, a temporary file or a file in a temporary folder (see `_temp`), will be
-    once its output is published."""
-    names = [p[1 : p.index(TEMP_MARK)] if _OWNER.search(p) else p for p in path.parts]
+    """Where `path`, a temporary file or a file in a temporary folder (see `_claim`), will
+    be once its output is published."""
+    names = []
+    for part in path.parts:
+        temp = _TEMP.fullmatch(part)
+        names.append(part if temp is None else temp[1])
+        if temp is not None and temp[2] == "file":
+            break  # the folder holding the file: the file is published under its name
     return Path(*names)
 
 
 def _remove_leftovers(directory: Path) -> None:
-    """Delete temporary files that runs on this host left in `directory` when they died."""
+    """Delete the temporary files and folders in `directory` that no live run holds
+    locked: those of runs that died (and leftovers of versions that named them
+    `.DEST.streamavg-PID@HOST.XXXXXXXX.SUFFIX`, unlocked)."""
     for path in directory.glob(f".*{TEMP_MARK}*"):
-        owner = _OWNER.search(path.name)
-        if owner is None or owner[2] != _host() or _alive(int(owner[1])):
-            continue
-        with suppress(OSError):
-            shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
+        with suppress(OSError):  # BlockingIOError: locked by its maker, alive
+            _remove_unlocked(path)
 
 
-def _alive(pid: int) -> bool:
+def _remove_unlocked(path: Path) -> None:
+    """Lock `path`, a file or folder, and remove it while holding the lock, if it is
+    still at that name; an error if another holds it locked."""
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # someone else's live process
-        pass
-    return True
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        if not _names(path, fd):  # removed, and another put in its place, meanwhile
+            return
+        if stat.S_ISDIR(os.fstat(fd).st_mode):
+            shutil.rmtree(path)
+        else:
+            path.unlink()
+    finally:
+        os.close(fd)
 
 
 def _check_space(dest: Path, need: int) -> None:
@@ -214,15 +274,15 @@ def _check_space(dest: Path, need: int) -> None:
 
 def why(e: BaseException) -> str:
     """The system's reason for a failed write, also when HDF5 reports it inside its message."""
-    errno = system_errno(e)
-    return os.strerror(errno) if errno else reason(e)
+    code = system_errno(e)
+    return os.strerror(code) if code else reason(e)
 
 
-def _discard(tmp: Path, made: list[Path]) -> None:
-    if tmp.is_dir():
-        shutil.rmtree(tmp, ignore_errors=True)
-    else:
-        tmp.unlink(missing_ok=True)
+def _discard(entry: Path | None, fd: int | None, made: list[Path]) -> None:
+    """Remove temporary folder `entry`, open as `fd`, unless not made or moved into place;
+    then the directories in `made`."""
+    if entry is not None and fd is not None and _names(entry, fd):
+        shutil.rmtree(entry, ignore_errors=True)
     _remove_dirs(made)
 
 

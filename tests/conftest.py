@@ -100,7 +100,7 @@ def ulp_distance(a: np.ndarray, b: np.ndarray) -> int:
 
 
 def temporary(directory: Path) -> list[Path]:
-    """The temporary outputs of runs in `directory`: `.NAME.streamavg-PID@HOST.XXXXXXXX...`."""
+    """The temporary outputs of runs in `directory`: `.NAME.streamavg-XXXXXXXX.KIND`."""
     return sorted(directory.glob(".*.streamavg-*"))
 
 
