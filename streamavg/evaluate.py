@@ -111,13 +111,16 @@ def keras_scorer(
 def higher_is_better(model, metric: str) -> bool:
     """The direction Keras's monitor callbacks take for `metric`: losses go down, and a
     compiled metric says which way it goes; anything else is refused, asking for a mode."""
+    from .callbacks._keras_compat import metric_direction
+
     name = metric.removeprefix("val_")
     if name == "loss" or name.endswith("_loss"):
         return False
     for tracker in model.metrics:
         for m in getattr(tracker, "metrics", [tracker]):  # compiled metrics sit in containers
-            if m.name == name and getattr(m, "_direction", None) in ("up", "down"):
-                return m._direction == "up"
+            direction = metric_direction(m) if m.name == name else None
+            if direction in ("up", "down"):
+                return direction == "up"
     raise UsageError(
         f"{option('metric', metric)}: cannot tell whether higher or lower is better; "
         f"pass {option('mode', 'max')} or {option('mode', 'min')}"

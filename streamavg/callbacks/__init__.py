@@ -5,7 +5,7 @@
 """
 
 try:
-    import keras  # noqa: F401
+    from keras import ops  # noqa: F401  (Keras 2 has none)
 except ImportError:
     raise ImportError("streamavg.callbacks needs Keras 3: pip install 'streamavg[keras]'") from None
 

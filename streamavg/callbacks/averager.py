@@ -22,6 +22,7 @@ from keras import ops
 
 from .._version import __version__
 from ..publish import atomic_output
+from . import _keras_compat as compat
 
 VALIDATE = ("average", "raw", "both")
 FINAL_WEIGHTS = ("average", "raw")
@@ -66,6 +67,7 @@ class Averager(keras.callbacks.Callback):
         delete_state: bool = True,
         name: str = "ema",
     ):
+        compat.require_supported_keras()
         super().__init__()
         self.validate = _choice("validate", validate, VALIDATE)
         self.swap_on_epoch = bool(swap_on_epoch)
@@ -123,7 +125,7 @@ class Averager(keras.callbacks.Callback):
         """A shadow of `v` (float32 at least) holding its current value, laid out as `v`
         under a `keras.distribution` (sharded like it, never gathered on one device)."""
         dtype = _shadow_dtype(v.dtype)
-        layout = getattr(v, "_layout", None)  # Keras's own, given where a LayoutMap names `v`
+        layout = compat.layout_of(v)  # Keras's own, given where a LayoutMap names `v`
         return self._variable(_copy(v, dtype), dtype, f"{self.name}_{v.name}", layout)
 
     def _variable(self, value, dtype: str, name: str, layout=None) -> keras.Variable:
@@ -380,7 +382,7 @@ class Averager(keras.callbacks.Callback):
     def _evaluate(self, *args, **kwargs):
         """`model.evaluate` for fit's validation: on the average, or on both (`<name>_*`)."""
         evaluate = type(self.model).evaluate
-        if not kwargs.get("_use_cached_eval_dataset"):  # not fit's validation: leave it be
+        if not compat.is_fit_validation(kwargs):  # leave other calls be
             return evaluate(self.model, *args, **kwargs)
         try:
             self._before_validation()

@@ -8,6 +8,8 @@ import keras
 import numpy as np
 from keras import ops
 
+from . import _keras_compat as compat
+
 
 def recalibrate_batchnorm(
     model: keras.Model, data, steps: int | None = None, *, batch_size: int = 32
@@ -24,9 +26,10 @@ def recalibrate_batchnorm(
 
     >>> recalibrate_batchnorm(model, x_train, steps=100)  # doctest: +SKIP
     """
+    compat.require_supported_keras()
     layers = [
         layer
-        for layer in model._flatten_layers(include_self=False)
+        for layer in compat.sublayers(model)
         if isinstance(layer, keras.layers.BatchNormalization)
     ]
     if not layers:

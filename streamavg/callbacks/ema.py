@@ -7,6 +7,7 @@ import math
 import keras
 from keras import ops
 
+from . import _keras_compat as compat
 from .averager import Averager, count_arg, moved
 
 _TORCH = keras.backend.backend() == "torch"  # the update runs eagerly after `apply`
@@ -286,12 +287,9 @@ def _lerp(shadows, weights, share: float) -> None:
     """torch: `moved` in place, in one fused kernel over all the shadows. The update is
     memory-bound, and this reads each weight and shadow once and writes the shadow once
     (as Keras's torch optimizers update their variables)."""
-    import torch
-
     values = [s.value for s in shadows]
     ends = [w.value.to(s.dtype) for s, w in zip(values, weights, strict=True)]
-    with torch.no_grad():
-        torch._foreach_lerp_(values, ends, share)
+    compat.lerp_(values, ends, share)
 
 
 def _int(variable) -> int:
@@ -341,8 +339,7 @@ def _install(model, steps: _Steps) -> None:
     owners = list(steps.owners)
     opt = _innermost(model.optimizer)
     if keras.backend.backend() != "jax":  # the update runs inside `apply`, hooked while needed
-        if "apply" in vars(opt):  # ours, maybe for another `_Steps` (compiled again since)
-            del opt.apply
+        compat.unhook_apply(opt)  # ours, maybe for another `_Steps` (compiled again since)
         if owners:
             _hook(opt, steps)
     if not owners:
@@ -368,9 +365,8 @@ def _hook(opt, steps: _Steps) -> None:
     tensor, known on the device only). The innermost optimizer is hooked:
     `LossScaleOptimizer` skips it on non-finite gradients, so skipped steps never count.
     """
-    apply = opt.apply
 
-    def apply_then_update(grads, trainable_variables=None):
+    def apply_then_update(apply, grads, trainable_variables=None):
         accumulates = bool(opt.gradient_accumulation_steps)
         # A copy: the variable itself may read back after apply's in-place increment.
         before = ops.copy(opt.iterations) if accumulates else None
@@ -379,7 +375,7 @@ def _hook(opt, steps: _Steps) -> None:
         for owner in steps.owners:
             owner._step(applied)
 
-    opt.apply = apply_then_update
+    compat.hook_apply(opt, apply_then_update)
 
 
 def _jax_train_function(model, owners: list[EMA]):
@@ -400,7 +396,8 @@ def _jax_train_function(model, owners: list[EMA]):
     where |= {id(v): (1, i) for i, v in enumerate(model.non_trainable_variables)}
     picks = [[where[id(v)] for v in o._tracked] for o in owners]
     every = inner.gradient_accumulation_steps or 1  # `iterations` is micro-steps // every
-    (counted,) = [i for i, v in enumerate(opt.variables) if v is inner._iterations]
+    counter = compat.step_counter(inner)
+    (counted,) = [i for i, v in enumerate(opt.variables) if v is counter]
     skips = every > 1 or inner is not opt
 
     def step(state, emas, data):
@@ -425,7 +422,7 @@ def _jax_train_function(model, owners: list[EMA]):
         if keras.distribution.distribution() is not None:
             one = _sharding(inner.iterations)  # replicated, for the step counts
             ema = [([_sharding(v) for v in o._tracked], one, one) for o in owners]
-            shardings = (None, model._get_state_sharding_spec(), ema)
+            shardings = (None, compat.jax_state_shardings(model), ema)
         step = jax.jit(step, donate_argnums=(0, 1), out_shardings=shardings)
 
     def one_step(state, data):
@@ -434,7 +431,7 @@ def _jax_train_function(model, owners: list[EMA]):
             o._device = ema
         return logs, state
 
-    return model._make_function(one_step)
+    return compat.jax_train_function(model, one_step)
 
 
 def _as_stored(weights: list) -> list:

@@ -13,6 +13,7 @@ from keras import ops
 
 from ..posthoc import SNAPSHOT_ATTR, check_sigma_rel, gamma
 from ..publish import atomic_output
+from . import _keras_compat as compat
 from .averager import count_arg
 from .ema import EMA, _innermost
 
@@ -63,6 +64,7 @@ class PostHocEMA(keras.callbacks.Callback):
         non_trainable: str = "average",
         save_model: bool = True,
     ):
+        compat.require_supported_keras()
         super().__init__()
         sigma_rels = [check_sigma_rel(s) for s in sigma_rels]
         if not sigma_rels or len(set(sigma_rels)) != len(sigma_rels):
