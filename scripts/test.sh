@@ -20,3 +20,4 @@ NO_MKDOCS_2_WARNING=1 .venv/bin/mkdocs build --strict --quiet  # warnings fail i
 export TF_CPP_MIN_LOG_LEVEL=3
 .venv/bin/python -m pytest "$@"
 scripts/floors.sh  # the [remote] extra at its declared minimum versions
+scripts/keras_range.sh  # the callbacks' tests at the [keras] extra's oldest Keras (the newest: above)

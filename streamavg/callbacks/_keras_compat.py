@@ -89,7 +89,7 @@ def lerp_(values: list, ends: list, share: float) -> None:
     import torch
 
     with torch.no_grad():
-        torch._foreach_lerp_(values, ends, share)
+        torch._foreach_lerp_(values, ends, share)  # pyright: ignore[reportPrivateImportUsage]
 
 
 # -- fit -----------------------------------------------------------------------------

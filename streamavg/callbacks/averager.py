@@ -14,6 +14,7 @@ import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
+from typing import TypeGuard
 
 import h5py
 import keras
@@ -37,7 +38,7 @@ def _choice(name: str, value: str, allowed: tuple[str, ...]) -> str:
     return value
 
 
-def _is_count(value) -> bool:
+def _is_count(value: object) -> TypeGuard[int]:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
@@ -84,7 +85,8 @@ class Averager(keras.callbacks.Callback):
         if not name.isidentifier():
             raise ValueError(f"name must be an identifier, used in metric names; got {name!r}")
         self.name = name
-        self._tracked: list | None = None  # the model variables averaged
+        self._tracked: list = []  # the model variables averaged
+        self._tracking = False  # whether the variables were chosen: the shadow holds an average
         self._shadow: list = []
         self._raw: list | None = None  # the raw weights, while the model shows the average
         self._started = False
@@ -117,9 +119,9 @@ class Averager(keras.callbacks.Callback):
         tracked = list(model.trainable_variables)
         if self.non_trainable == "average":
             tracked += [v for v in model.non_trainable_variables if _is_float(v.dtype)]
-        kept = {id(v): s for v, s in zip(self._tracked or [], self._shadow, strict=True)}
+        kept = {id(v): s for v, s in zip(self._tracked, self._shadow, strict=True)}
         self._shadow = [kept[id(v)] if id(v) in kept else self._new_shadow(v) for v in tracked]
-        self._tracked = tracked
+        self._tracked, self._tracking = tracked, True
 
     def _new_shadow(self, v) -> keras.Variable:
         """A shadow of `v` (float32 at least) holding its current value, laid out as `v`
@@ -158,7 +160,7 @@ class Averager(keras.callbacks.Callback):
 
     def _ready(self) -> bool:
         """Whether the shadow holds an average yet."""
-        return self._tracked is not None
+        return self._tracking
 
     # -- showing the average in the model --------------------------------------------
 
@@ -269,7 +271,7 @@ class Averager(keras.callbacks.Callback):
         Raises ValueError, naming the file, if it was written for another configuration,
         model or point of training.
         """
-        if self._tracked is None:
+        if not self._tracking:
             self._build()
         self._sync()
         with h5py.File(path, "r") as f:
@@ -322,7 +324,7 @@ class Averager(keras.callbacks.Callback):
 
     def _save_every(self, batch: int, logs: dict | None = None) -> None:
         self._batches += 1
-        if self._batches >= self.save_freq:
+        if isinstance(self.save_freq, int) and self._batches >= self.save_freq:  # always int
             self._batches = 0
             self._save(self._epoch, logs)
 
@@ -338,7 +340,7 @@ class Averager(keras.callbacks.Callback):
                 "pass validate='raw' to the others"
             )
         self._fit = self.model.history  # fit gives every run a new History
-        if self._tracked is None:
+        if not self._tracking:
             self._build()
         else:  # a later fit: train on from the raw weights, averaging what is trained now
             if self._raw is not None:  # the average was left in the model by the last fit

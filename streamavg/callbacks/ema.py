@@ -106,8 +106,8 @@ class EMA(Averager):
         if decay is not None and not 0 < decay < 1:
             raise ValueError(f"decay must be between 0 and 1 (exclusive); got {decay}")
         for key in ("half_life_steps", "half_life_epochs"):
-            if horizons[key] is not None and not horizons[key] > 0:
-                raise ValueError(f"{key} must be positive; got {horizons[key]}")
+            if (value := horizons[key]) is not None and not value > 0:
+                raise ValueError(f"{key} must be positive; got {value}")
         self.update_every = count_arg("update_every", update_every, 1)
         self.start_step = count_arg("start_step", start_step, 0)
         if start_epoch is not None:
@@ -117,6 +117,7 @@ class EMA(Averager):
         self.warmup = bool(warmup)
         self.start_epoch = start_epoch
         self.half_life_epochs = half_life_epochs
+        self._log_decay: float | None  # log d; None until fit resolves half_life_epochs
         if half_life_steps is not None:
             self._log_decay = math.log(0.5) / half_life_steps
         elif half_life_epochs is None:
@@ -136,7 +137,7 @@ class EMA(Averager):
             raise ValueError(
                 "half_life_epochs needs fit's steps per epoch; outside fit, give half_life_steps"
             )
-        if self._tracked is None:
+        if not self._tracking:
             self._build()
         self._sync()
         self._step(True)
@@ -184,7 +185,13 @@ class EMA(Averager):
 
     def _constant_share(self) -> float | None:
         """The share of every update, where it does not change with the step (no warm-up)."""
-        return None if self.warmup else -math.expm1(self.update_every * self._log_decay)
+        return None if self.warmup else -math.expm1(self.update_every * self._log_d())
+
+    def _log_d(self) -> float:
+        """log d, which `on_train_begin` resolves from a half-life in epochs."""
+        if self._log_decay is None:
+            raise RuntimeError("the decay of half_life_epochs is known once fit begins")
+        return self._log_decay
 
     def _share(self, t):
         """1 - d ** k for the t-th step since the start; 1 (follow the weights) before it."""
@@ -192,7 +199,7 @@ class EMA(Averager):
         share = self._constant_share()
         if share is None:
             capped = 9 / (9 + ops.cast(ops.maximum(t, 1), "float32"))  # 1 - t / (9 + t)
-            one = ops.maximum(-math.expm1(self._log_decay), capped)
+            one = ops.maximum(-math.expm1(self._log_d()), capped)
             share = one if k == 1 else -ops.expm1(k * ops.log1p(-one))
         if self._waits():
             share = ops.where(ops.less_equal(t, 0), 1.0, share)
@@ -200,7 +207,7 @@ class EMA(Averager):
 
     def set_model(self, model):
         super().set_model(model)
-        if self._tracked is None and model.built:
+        if not self._tracking and model.built:
             self._build()
 
     def _build(self) -> None:

@@ -118,10 +118,11 @@ class PostHocEMA(keras.callbacks.Callback):
 
     def on_train_batch_end(self, batch, logs=None):
         every = _innermost(self.model.optimizer).gradient_accumulation_steps or 1
-        if self._steps + -(-(batch + 1) // every) < self._next:  # at most the steps taken
+        due = self._next  # set by on_epoch_begin
+        if due is None or self._steps + -(-(batch + 1) // every) < due:  # at most the steps taken
             return
         step = self.emas[0]._step_count()  # exact: skipped steps do not count
-        if step >= self._next:
+        if step >= due:
             self._snapshot(step)
 
     def on_epoch_end(self, epoch, logs=None):

@@ -61,7 +61,7 @@ class WindowAverage(Averager):
 
     def update(self) -> None:
         """Fold in the model's current weights as the window's newest epoch."""
-        if self._tracked is None:
+        if not self._tracking:
             self._build()
         self._count += 1
         self._fold(float(scheme_weights(self.scheme, self._count, alpha=self.alpha)[-1]))
