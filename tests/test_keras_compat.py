@@ -18,6 +18,8 @@ ROOT = Path(__file__).parent.parent
 def test_the_keras_extra_declares_the_range_the_callbacks_check():
     pyproject = (ROOT / "pyproject.toml").read_text()  # the [keras] extra's line
     assert re.findall(r'^keras = \["keras(.*?)"\]', pyproject, re.MULTILINE) == [compat.SUPPORTED]
+    documented = (ROOT / "docs" / "callbacks.md").read_text()  # what the docs promise
+    assert re.findall(r"`keras(>=[\d.]+,<[\d.]+)`", documented) == [compat.SUPPORTED]
     assert compat.SUPPORTED == ">=3.11,<3.16"
 
 
