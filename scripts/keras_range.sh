@@ -37,15 +37,23 @@ if [ $# -eq 0 ]; then
 fi
 export TF_CPP_MIN_LOG_LEVEL=3 STREAMAVG_TEST_DEVICES=2
 failed=()
-for backend in tensorflow jax torch; do
+logs=$(mktemp -d)
+trap 'rm -rf "$logs"' EXIT
+for backend in tensorflow jax torch; do  # at once: each is mostly one core's work
     if ! .venv/bin/python -c "import importlib.util as u, sys; sys.exit(not u.find_spec('$backend'))"; then
-        echo "$backend: not installed, skipped"
+        echo "$backend: not installed, skipped" > "$logs/$backend"
         continue
     fi
-    echo "$backend:"
     env=(KERAS_BACKEND=$backend)
     [ $backend = jax ] && env+=(JAX_PLATFORMS=cpu XLA_FLAGS=--xla_force_host_platform_device_count=2)
-    env "${env[@]}" $venv/bin/python -m pytest -q -p no:cacheprovider "$@" || failed+=($backend)
+    (env "${env[@]}" $venv/bin/python -m pytest -q -p no:cacheprovider "$@" > "$logs/$backend" 2>&1 ||
+        touch "$logs/$backend.failed") &
+done
+wait
+for backend in tensorflow jax torch; do
+    echo "$backend:"
+    cat "$logs/$backend"
+    [ -e "$logs/$backend.failed" ] && failed+=($backend)
 done
 if [ ${#failed[@]} -gt 0 ]; then
     echo "keras_range.sh: the callbacks' tests failed at Keras $floor on: ${failed[*]}" >&2

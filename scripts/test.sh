@@ -7,10 +7,13 @@ cd "$(dirname "$0")/.."
 [ -x .venv/bin/python ] || python3 -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip  # 25.1 or later: dependency groups
 EXTRAS=tutorial,orbax,dask,remote
+# pip compiles no byte code at install (a minute and a half for every file of torch,
+# TensorFlow, transformers...); Python writes it for the modules the tests import.
+unset PYTHONDONTWRITEBYTECODE
 if [ "${STREAMAVG_NEWEST:-}" = 1 ]; then  # try the newest releases (then scripts/lock.sh)
-    .venv/bin/python -m pip install -q --upgrade --upgrade-strategy eager -e ".[$EXTRAS]" --group test
+    .venv/bin/python -m pip install -q --upgrade --upgrade-strategy eager --no-compile -e ".[$EXTRAS]" --group test
 else  # the versions the tests last passed with, so that a new release cannot break CI overnight
-    .venv/bin/python -m pip install -q -c constraints.txt -e ".[$EXTRAS]" --group test
+    .venv/bin/python -m pip install -q -c constraints.txt --no-compile -e ".[$EXTRAS]" --group test
 fi
 .venv/bin/ruff check streamavg tests scripts
 .venv/bin/ruff format --check streamavg tests scripts
