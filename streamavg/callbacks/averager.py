@@ -324,7 +324,7 @@ class Averager(keras.callbacks.Callback):
 
     def _save_every(self, batch: int, logs: dict | None = None) -> None:
         self._batches += 1
-        if isinstance(self.save_freq, int) and self._batches >= self.save_freq:  # always int
+        if self._batches >= int(self.save_freq):  # an int: only then is this the hook
             self._batches = 0
             self._save(self._epoch, logs)
 
